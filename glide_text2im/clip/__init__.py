@@ -1,0 +1,1 @@
+"""The noised CLIP model used for CLIP-guided sampling."""

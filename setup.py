@@ -1,0 +1,37 @@
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "glide_text2im" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="glide-text2im",
+    version=VERSION,
+    description="GLIDE (filtered) text-to-image diffusion: checkpoint-compatible models, fast samplers, pipelines and training",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(include=["glide_text2im", "glide_text2im.*"]),
+    package_data={
+        "glide_text2im": ["clip/config.yaml", "demo/weights/*.pt", "demo/weights/*.json"],
+    },
+    install_requires=[
+        "torch>=2.0",
+        "numpy",
+        "pillow",
+        "ftfy",
+        "regex",
+        "tqdm",
+        "requests",
+        "blobfile",
+        "filelock",
+        "pyyaml",
+    ],
+    extras_require={
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
+    },
+    entry_points={"console_scripts": ["glide-text2im=glide_text2im.cli:main"]},
+)
