@@ -1,0 +1,333 @@
+"""A procedural captioned dataset: one coloured shape on a plain background.
+
+Every image shows a single axis-aligned circle, square or upward triangle of one of eight
+named colours, small or large, centred on one of five named regions of the canvas, over a
+plain background of one of four named colours. The bounding box of every shape is an
+``extent x extent`` square (the canvas is the unit square) centred on its region's centre,
+so a shape never leaves the canvas. Small random offsets and scales (``dx``, ``dy``,
+``scale``) vary the pixels without changing any named attribute.
+
+Captions come from templates. The training templates and the held-out templates share the
+attribute words but no caption can be written by both: every held-out template carries a
+word that no training template uses (see ``HELD_OUT_MARKERS``).
+
+Everything is deterministic: specs and captions are drawn from a ``random.Random`` the
+caller passes in, and ``iter_examples`` / ``generate_dataset`` derive one such generator
+per example from ``(seed, index)``.
+"""
+
+import dataclasses
+import json
+import random
+import re
+from pathlib import Path
+from typing import Collection, Iterator, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from PIL import Image
+
+ATTRIBUTES = ("shape", "colour", "size", "position", "background")
+
+SHAPES = ("circle", "square", "triangle")
+
+# Shape colours and background colours are disjoint sets, so a colour word in a prompt
+# names either the shape or the background, never both.
+COLOURS = {
+    "red": (215, 25, 35),
+    "orange": (245, 125, 15),
+    "yellow": (245, 230, 40),
+    "green": (40, 170, 60),
+    "cyan": (20, 200, 220),
+    "blue": (30, 80, 225),
+    "purple": (150, 40, 170),
+    "pink": (245, 130, 190),
+}
+BACKGROUNDS = {
+    "white": (255, 255, 255),
+    "black": (0, 0, 0),
+    "gray": (128, 128, 128),
+    "beige": (235, 220, 190),
+}
+# A shape colour is only drawn on backgrounds at least this far away (Euclidean, uint8 RGB).
+MIN_CONTRAST = 110.0
+
+# Nominal extent (side of the bounding box, as a fraction of the canvas side) per size.
+SIZES = {"small": 0.2, "large": 0.38}
+
+# Centre of each named region, (x, y) with y pointing down, as fractions of the canvas.
+POSITIONS = {
+    "top left": (0.25, 0.25),
+    "top right": (0.75, 0.25),
+    "bottom left": (0.25, 0.75),
+    "bottom right": (0.75, 0.75),
+    "center": (0.5, 0.5),
+}
+
+# Largest offset of the centre (canvas fractions) and relative change of the extent.
+POSITION_JITTER = 0.025
+SIZE_JITTER = 0.08
+
+SUPERSAMPLING = 4
+
+# Words a caption may use for each attribute value, the canonical name first.
+SYNONYMS = {
+    "large": ("large", "big"),
+    "small": ("small", "little"),
+    "center": ("center", "middle", "centre"),
+    "top left": ("top left", "upper left"),
+    "top right": ("top right", "upper right"),
+    "bottom left": ("bottom left", "lower left"),
+    "bottom right": ("bottom right", "lower right"),
+    "gray": ("gray", "grey"),
+}
+
+# Templates: a segment in [...] holds one attribute and is dropped when that attribute is
+# omitted; an omitted shape is written as "shape".
+TRAIN_TEMPLATES = (
+    "a[ {size}][ {colour}] {shape}[ in the {position}][ on a {background} background]",
+    "[{colour} ]{shape}[, {size}][, {position}][, {background} background]",
+    "[{background} background with ]a[ {size}][ {colour}] {shape}[ in the {position}]",
+    "there is a[ {size}][ {colour}] {shape}[ in the {position}][, the background is {background}]",
+    "a[ {size}][ {colour}] {shape}[ at the {position}][ against a {background} backdrop]",
+    "[{position}: ]a[ {size}][ {colour}] {shape}[ on {background}]",
+)
+HELD_OUT_TEMPLATES = (
+    "an image of a[ {size}][ {colour}] {shape}[ in the {position}][ over {background}]",
+    "[{position}: ]one[ {size}][ {colour}] {shape}[ on a plain {background} field]",
+    "[{background} scene ]showing a[ {colour}] {shape}[ ({size})][ near the {position}]",
+)
+# One word outside the optional segments of each held-out template that no training
+# template contains: no held-out caption can equal a training caption.
+HELD_OUT_MARKERS = ("image", "one", "showing")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeSpec:
+    """Everything that determines an image: the named attributes and the small jitter.
+
+    ``dx`` and ``dy`` move the centre (canvas fractions, at most ``POSITION_JITTER``),
+    ``scale`` multiplies the nominal extent (within ``1 +- SIZE_JITTER``).
+    """
+
+    shape: str
+    colour: str
+    size: str
+    position: str
+    background: str
+    dx: float = 0.0
+    dy: float = 0.0
+    scale: float = 1.0
+
+    def __post_init__(self):
+        _check_name("shape", self.shape, SHAPES)
+        _check_name("colour", self.colour, COLOURS)
+        _check_name("size", self.size, SIZES)
+        _check_name("position", self.position, POSITIONS)
+        _check_name("background", self.background, BACKGROUNDS)
+        if self.background not in backgrounds_for(self.colour):
+            raise ValueError(f"a {self.colour} shape is too close in colour to a {self.background} background")
+        if max(abs(self.dx), abs(self.dy)) > POSITION_JITTER:
+            raise ValueError(f"offset ({self.dx}, {self.dy}) exceeds POSITION_JITTER={POSITION_JITTER}")
+        if abs(self.scale - 1.0) > SIZE_JITTER:
+            raise ValueError(f"scale {self.scale} is outside 1 +- SIZE_JITTER={SIZE_JITTER}")
+
+    @property
+    def centre(self) -> Tuple[float, float]:
+        """Centre of the bounding box, (x, y) as fractions of the canvas side."""
+        x, y = POSITIONS[self.position]
+        return x + self.dx, y + self.dy
+
+    @property
+    def extent(self) -> float:
+        """Side of the (square) bounding box as a fraction of the canvas side."""
+        return SIZES[self.size] * self.scale
+
+
+@dataclasses.dataclass(frozen=True)
+class PartialSpec:
+    """The attributes a prompt asks for; None where it does not say."""
+
+    shape: Optional[str] = None
+    colour: Optional[str] = None
+    size: Optional[str] = None
+    position: Optional[str] = None
+    background: Optional[str] = None
+
+
+def _check_name(attribute: str, value: str, allowed: Collection[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {attribute} {value!r}; expected one of {sorted(allowed)}")
+
+
+def backgrounds_for(colour: str) -> Tuple[str, ...]:
+    """The background names a ``colour`` shape may be drawn on (contrast >= MIN_CONTRAST)."""
+    _check_name("colour", colour, COLOURS)
+    rgb = np.array(COLOURS[colour], dtype=np.float64)
+    return tuple(
+        name for name, bg in BACKGROUNDS.items() if np.linalg.norm(rgb - np.array(bg)) >= MIN_CONTRAST
+    )
+
+
+def sample_spec(rng: random.Random) -> ShapeSpec:
+    """Draw uniform attributes (the background among those that suit the colour) and jitter."""
+    shape = rng.choice(SHAPES)
+    colour = rng.choice(list(COLOURS))
+    size = rng.choice(list(SIZES))
+    position = rng.choice(list(POSITIONS))
+    background = rng.choice(backgrounds_for(colour))
+    dx = rng.uniform(-POSITION_JITTER, POSITION_JITTER)
+    dy = rng.uniform(-POSITION_JITTER, POSITION_JITTER)
+    scale = rng.uniform(1.0 - SIZE_JITTER, 1.0 + SIZE_JITTER)
+    return ShapeSpec(shape, colour, size, position, background, dx, dy, scale)
+
+
+def caption(
+    spec: Union[ShapeSpec, PartialSpec],
+    rng: random.Random,
+    held_out: bool = False,
+    omit: Collection[str] = (),
+) -> str:
+    """Describe ``spec`` with a random template (held-out or training) and random synonyms.
+
+    Attributes named in ``omit``, and those a PartialSpec leaves None, are left out.
+    """
+    unknown = set(omit) - set(ATTRIBUTES)
+    if unknown:
+        raise ValueError(f"cannot omit unknown attributes {sorted(unknown)}; expected some of {ATTRIBUTES}")
+    template = rng.choice(HELD_OUT_TEMPLATES if held_out else TRAIN_TEMPLATES)
+    words = {}
+    for name in ATTRIBUTES:
+        value = getattr(spec, name)
+        words[name] = None if name in omit or value is None else rng.choice(SYNONYMS.get(value, (value,)))
+    if words["shape"] is None:
+        words["shape"] = "shape"
+    return _fill(template, words)
+
+
+def _fill(template: str, words: dict) -> str:
+    def segment(match: "re.Match") -> str:
+        text = match.group(1)
+        (name,) = re.findall(r"\{(\w+)\}", text)
+        return "" if words[name] is None else text
+
+    text = re.sub(r"\[([^\[\]]*)\]", segment, template).format(**words)
+    return re.sub(r"\ba (?=[aeiou])", "an ", text)
+
+
+def _omitted(rng: random.Random, partial_prob: float) -> Tuple[str, ...]:
+    """With probability ``partial_prob`` drop each attribute with chance 1/2, keeping one."""
+    if rng.random() >= partial_prob:
+        return ()
+    kept = [name for name in ATTRIBUTES if rng.random() < 0.5] or [rng.choice(ATTRIBUTES)]
+    return tuple(name for name in ATTRIBUTES if name not in kept)
+
+
+def render(spec: ShapeSpec, size: int) -> Image.Image:
+    """Draw ``spec`` as a ``size x size`` RGB image, anti-aliased by 4x4 supersampling.
+
+    Coverage is measured at the pixel centres of a 4x larger grid and box-averaged, so a
+    256 px render box-downsampled to 64 px closely matches the 64 px render.
+    """
+    if not isinstance(size, int) or size < 8:
+        raise ValueError(f"size must be an int >= 8, got {size!r}")
+    fine = size * SUPERSAMPLING
+    coords = (np.arange(fine, dtype=np.float64) + 0.5) / fine
+    x, y = coords[None, :], coords[:, None]
+    cx, cy = spec.centre
+    half = spec.extent / 2
+    if spec.shape == "circle":
+        inside = (x - cx) ** 2 + (y - cy) ** 2 <= half**2
+    elif spec.shape == "square":
+        inside = (np.abs(x - cx) <= half) & (np.abs(y - cy) <= half)
+    else:
+        # Apex at the top centre of the bounding box, base along its bottom edge.
+        inside = (y <= cy + half) & (np.abs(x - cx) <= (y - (cy - half)) / 2)
+    coverage = inside.reshape(size, SUPERSAMPLING, size, SUPERSAMPLING).mean(axis=(1, 3))
+    background = np.array(BACKGROUNDS[spec.background], dtype=np.float64)
+    colour = np.array(COLOURS[spec.colour], dtype=np.float64)
+    pixels = background + coverage[..., None] * (colour - background)
+    return Image.fromarray(np.round(pixels).astype(np.uint8), mode="RGB")
+
+
+def parse_prompt(text: str) -> PartialSpec:
+    """Find the attribute words in free text (synonyms included); None for those absent.
+
+    The first shape colour word is the colour and the first background colour word the
+    background; the first word (or phrase) of each other attribute wins likewise.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    normalised = " " + re.sub(r"[^a-z]+", " ", text.lower()) + " "
+    found = {}
+    for name, values in (
+        ("shape", SHAPES),
+        ("colour", COLOURS),
+        ("size", SIZES),
+        ("position", POSITIONS),
+        ("background", BACKGROUNDS),
+    ):
+        hits = []
+        for value in values:
+            for word in SYNONYMS.get(value, (value,)):
+                index = normalised.find(f" {word} ")
+                if index >= 0:
+                    hits.append((index, value))
+        found[name] = min(hits)[1] if hits else None
+    return PartialSpec(**found)
+
+
+def iter_examples(
+    n: int, seed: int, size: int = 64, partial_prob: float = 0.0
+) -> Iterator[Tuple[Image.Image, str, ShapeSpec]]:
+    """Yield ``n`` (image, training caption, spec) triples, example ``i`` fixed by (seed, i).
+
+    ``partial_prob`` is the chance that a caption leaves some attributes out.
+    """
+    for index in range(_check_count(n)):
+        spec, text = _example(seed, index, partial_prob)
+        yield render(spec, size), text, spec
+
+
+def generate_dataset(
+    out_dir: Union[str, Path],
+    n: int,
+    seed: int,
+    sizes: Sequence[int] = (64, 256),
+    partial_prob: float = 0.0,
+) -> Path:
+    """Write ``n`` examples to ``out_dir``; the same arguments give byte-identical files.
+
+    Layout, for example ``i`` written as five digits ``NNNNN``::
+
+        NNNNN.txt          the caption (UTF-8, no newline)
+        NNNNN_{size}.png   the image at each of ``sizes``
+        specs.jsonl        line i: {"caption": ..., "spec": {ShapeSpec fields}}
+    """
+    if not sizes:
+        raise ValueError("sizes must name at least one image size")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index in range(_check_count(n)):
+        spec, text = _example(seed, index, partial_prob)
+        stem = f"{index:05d}"
+        (out_dir / f"{stem}.txt").write_text(text, encoding="utf-8")
+        for size in sizes:
+            render(spec, size).save(out_dir / f"{stem}_{size}.png")
+        lines.append(json.dumps({"caption": text, "spec": dataclasses.asdict(spec)}, sort_keys=True))
+    (out_dir / "specs.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return out_dir
+
+
+def _check_count(n: int) -> int:
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    return n
+
+
+def _example(seed: int, index: int, partial_prob: float) -> Tuple[ShapeSpec, str]:
+    if not 0.0 <= partial_prob <= 1.0:
+        raise ValueError(f"partial_prob must lie in [0, 1], got {partial_prob}")
+    rng = random.Random(f"glide_text2im.demo.shapes/{seed}/{index}")
+    spec = sample_spec(rng)
+    return spec, caption(spec, rng, omit=_omitted(rng, partial_prob))

@@ -1,0 +1,328 @@
+"""Named GLIDE checkpoints and a careful cached downloader.
+
+`load_checkpoint(name, device)` resolves a checkpoint name (or a file path) to a local file,
+downloading official checkpoints once into a per-user cache, and returns the state dict.
+
+Downloads are streamed into `<file>.part` beside the final file under a file lock, resumed
+with an HTTP `Range` request when the connection drops, checked against `Content-Length` and
+a sha256, and only then renamed to the final name, so a short or corrupt download never
+appears under it. Official checkpoint hashes are not published: the sha256 of the first
+complete download is stored in `<file>.sha256` and every later use is checked against it.
+"""
+
+import hashlib
+import os
+import pickle
+import tempfile
+import urllib.parse
+import uuid
+from typing import Callable, Dict, Optional, Union
+
+import blobfile as bf
+import requests
+import torch
+import urllib3
+from filelock import FileLock
+from tqdm.auto import tqdm
+
+MODEL_PATHS: Dict[str, str] = {
+    "base": "https://openaipublic.blob.core.windows.net/diffusion/dec-2021/base.pt",
+    "upsample": "https://openaipublic.blob.core.windows.net/diffusion/dec-2021/upsample.pt",
+    "base-inpaint": "https://openaipublic.blob.core.windows.net/diffusion/dec-2021/base_inpaint.pt",
+    "upsample-inpaint": "https://openaipublic.blob.core.windows.net/diffusion/dec-2021/upsample_inpaint.pt",
+    "clip/image-enc": "https://openaipublic.blob.core.windows.net/diffusion/dec-2021/clip_image_enc.pt",
+    "clip/text-enc": "https://openaipublic.blob.core.windows.net/diffusion/dec-2021/clip_text_enc.pt",
+}
+
+# Checkpoints that are local files (e.g. package data): name -> function returning the path.
+LOCAL_CHECKPOINTS: Dict[str, Callable[[], str]] = {}
+
+CONNECT_TIMEOUT = 10.0  # seconds to establish a connection; an offline machine fails at once
+READ_TIMEOUT = 60.0  # seconds without a byte before a stalled download counts as dropped
+MAX_ATTEMPTS = 5  # one download plus resumes, each only after the previous one made progress
+
+_CLOUD_PREFIXES = ("gs://", "az://")
+_HASH_BLOCK = 1 << 20
+
+
+class DownloadError(RuntimeError):
+    """A file could not be downloaded (unreachable server, HTTP error, incomplete body)."""
+
+
+class IntegrityError(RuntimeError):
+    """A file's content is not what it must be (sha256 mismatch, unreadable checkpoint)."""
+
+
+def default_cache_dir() -> str:
+    """`$GLIDE_CACHE_DIR`, else `$XDG_CACHE_HOME/glide_text2im`, else `~/.cache/glide_text2im`."""
+    if os.environ.get("GLIDE_CACHE_DIR"):
+        return os.path.expanduser(os.environ["GLIDE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "glide_text2im")
+
+
+def is_cloud_path(path: str) -> bool:
+    """True for `gs://` and `az://` paths, which are read and written through blobfile."""
+    return path.startswith(_CLOUD_PREFIXES)
+
+
+def register_checkpoint(name: str, resolver: Callable[[], str]) -> None:
+    """Make `load_checkpoint(name, ...)` load the local file whose path `resolver()` returns."""
+    if name in MODEL_PATHS:
+        raise ValueError(f"checkpoint name {name!r} is already an official checkpoint")
+    LOCAL_CHECKPOINTS[name] = resolver
+
+
+def known_checkpoints() -> list:
+    """All checkpoint names `load_checkpoint` accepts."""
+    return sorted(MODEL_PATHS) + sorted(LOCAL_CHECKPOINTS)
+
+
+def checkpoint_path(
+    name: str,
+    progress: bool = True,
+    cache_dir: Optional[str] = None,
+    chunk_size: int = 4096,
+) -> str:
+    """The file of checkpoint `name` (official name, registered name or existing file path),
+    downloaded into the cache first when needed."""
+    if name in LOCAL_CHECKPOINTS:
+        return LOCAL_CHECKPOINTS[name]()
+    if name in MODEL_PATHS:
+        try:
+            return fetch_file_cached(MODEL_PATHS[name], progress=progress, cache_dir=cache_dir, chunk_size=chunk_size)
+        except DownloadError as exc:
+            raise DownloadError(
+                f"{exc}\n  Alternatively pass cache_dir or set $GLIDE_CACHE_DIR to a folder that holds "
+                f"{_url_filename(MODEL_PATHS[name])}, or pass the file's path instead of {name!r}."
+            ) from exc
+    if os.path.isfile(name):
+        return name
+    raise ValueError(
+        f"unknown checkpoint {name!r}: known names are {', '.join(known_checkpoints())}, "
+        "or pass the path of an existing checkpoint file"
+    )
+
+
+def load_checkpoint(
+    name: str,
+    device: Union[str, torch.device],
+    progress: bool = True,
+    cache_dir: Optional[str] = None,
+    chunk_size: int = 4096,
+) -> Dict[str, torch.Tensor]:
+    """Load checkpoint `name` (see `checkpoint_path`) as a state dict mapped to `device`."""
+    path = checkpoint_path(name, progress=progress, cache_dir=cache_dir, chunk_size=chunk_size)
+    with _open(path, "rb") as f:
+        try:
+            return torch.load(f, map_location=device, weights_only=True)
+        except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:
+            raise IntegrityError(
+                f"could not load checkpoint {path}: {exc}\n"
+                f"If the file is damaged, delete it (and {path}.sha256 if present) so that it is downloaded again."
+            ) from exc
+
+
+def fetch_file_cached(
+    url: str,
+    progress: bool = True,
+    cache_dir: Optional[str] = None,
+    chunk_size: int = 4096,
+    sha256: Optional[str] = None,
+) -> str:
+    """Return the path of `url`'s file in `cache_dir` (default `default_cache_dir()`),
+    downloading it first if it is not there.
+
+    The file is checked against `sha256` when given, else against the sidecar `<file>.sha256`
+    written when it was first downloaded (or first seen, for a file placed by hand).
+    """
+    cache_dir = cache_dir or default_cache_dir()
+    filename = _url_filename(url)
+    if is_cloud_path(cache_dir):
+        return _fetch_to_cloud(url, cache_dir.rstrip("/") + "/" + filename, progress, chunk_size, sha256)
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, filename)
+    if not os.path.exists(path):
+        with FileLock(path + ".lock"):
+            if not os.path.exists(path):
+                _download(url, path, progress, chunk_size, sha256)
+                return path
+    _verify_cached(path, sha256)
+    return path
+
+
+def _fetch_to_cloud(url: str, path: str, progress: bool, chunk_size: int, sha256: Optional[str]) -> str:
+    """`fetch_file_cached` for a blobfile path: download locally, then upload file and sidecar."""
+    if bf.exists(path):
+        _verify_cached(path, sha256)
+        return path
+    with tempfile.TemporaryDirectory() as staging_dir:
+        staging_path = os.path.join(staging_dir, _url_filename(url))
+        try:
+            digest = _download(url, staging_path, progress, chunk_size, sha256)
+        except DownloadError as exc:
+            raise DownloadError(str(exc).replace(staging_path, path)) from exc
+        _write_text(path + ".sha256", _sidecar_text(path, digest))
+        bf.copy(staging_path, path, overwrite=True)
+    return path
+
+
+def _download(url: str, path: str, progress: bool, chunk_size: int, sha256: Optional[str]) -> str:
+    """Download `url` to `path` through `path.part` and return its sha256 (also written to
+    `path.sha256`). The caller holds the lock for `path`."""
+    part_path = path + ".part"
+    for _ in range(MAX_ATTEMPTS):
+        if _download_attempt(url, path, part_path, progress, chunk_size):
+            break
+    else:
+        reason = f"the download stayed incomplete after {MAX_ATTEMPTS} attempts"
+        raise DownloadError(_failure_message(url, path, reason))
+    digest = _sha256_of(part_path)
+    if sha256 is not None and digest != sha256.lower():
+        os.remove(part_path)
+        raise IntegrityError(
+            f"the download of {url} has sha256 {digest}, expected {sha256.lower()}; it was discarded. "
+            f"If this persists, fetch the file by hand and check it before placing it at {path}."
+        )
+    _write_text(path + ".sha256", _sidecar_text(path, digest))
+    os.replace(part_path, path)
+    return digest
+
+
+def _download_attempt(url: str, path: str, part_path: str, progress: bool, chunk_size: int) -> bool:
+    """Append the rest of `url` to `part_path` (restarting it if the server ignores `Range`).
+
+    Returns True once `part_path` holds the whole body, False when the connection dropped
+    after some progress (so a resume is worth trying); raises on every other failure.
+    """
+    offset = os.path.getsize(part_path) if os.path.exists(part_path) else 0
+    headers = {"Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        response = requests.get(url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+    except requests.RequestException as exc:
+        raise DownloadError(_failure_message(url, path, f"the server could not be reached ({exc})")) from exc
+    with response:
+        misplaced = response.status_code == 206 and not _resumes_at(response, offset)
+        if offset and (response.status_code == 416 or misplaced):
+            os.remove(part_path)  # the partial file does not fit the file the server has now
+            return False
+        _check_response(response, url, path)
+        if response.status_code == 200:
+            offset = 0  # the server ignored Range and sends the whole file
+        length = response.headers.get("Content-Length")
+        expected_size = offset + int(length) if length is not None else None
+        received = 0
+        dropped = None
+        with open(part_path, "ab" if offset else "wb") as f, tqdm(
+            total=expected_size,
+            initial=offset,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=os.path.basename(path),
+            disable=not progress,
+        ) as bar:
+            chunks = response.raw.stream(chunk_size, decode_content=False)
+            while True:
+                try:
+                    chunk = next(chunks)
+                except StopIteration:
+                    break
+                except (urllib3.exceptions.HTTPError, requests.RequestException) as exc:
+                    dropped = exc
+                    break
+                f.write(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+    size = offset + received
+    if size == expected_size or (expected_size is None and dropped is None):
+        return True
+    if expected_size is not None and size > expected_size:
+        os.remove(part_path)
+        reason = f"the server sent {size} bytes but announced {expected_size}"
+        raise DownloadError(_failure_message(url, path, reason))
+    if received == 0:
+        reason = f"the connection dropped with no new data ({size} of {expected_size or '?'} bytes)"
+        raise DownloadError(_failure_message(url, path, reason))
+    return False
+
+
+def _check_response(response: requests.Response, url: str, path: str) -> None:
+    if response.status_code not in (200, 206):
+        reason = f"the server answered HTTP {response.status_code} {response.reason}"
+        raise DownloadError(_failure_message(url, path, reason))
+    if response.headers.get("Content-Type", "").startswith("text/html"):
+        raise DownloadError(_failure_message(url, path, "the server sent an HTML page instead of the file"))
+
+
+def _resumes_at(response: requests.Response, offset: int) -> bool:
+    return response.headers.get("Content-Range", "").startswith(f"bytes {offset}-")
+
+
+def _failure_message(url: str, path: str, reason: str) -> str:
+    return (
+        f"could not download {os.path.basename(path)}: {reason}.\n"
+        f"  URL: {url}\n"
+        f"  Without network access, download it elsewhere and place it at {path}."
+    )
+
+
+def _verify_cached(path: str, sha256: Optional[str]) -> None:
+    """Check `path` against `sha256` or its sidecar; a file without either gets a sidecar."""
+    sidecar = path + ".sha256"
+    expected = sha256.lower() if sha256 is not None else _read_sidecar(sidecar)
+    digest = _sha256_of(path)
+    if expected is None:
+        _write_text(sidecar, _sidecar_text(path, digest))
+    elif digest != expected:
+        source = "the expected value" if sha256 is not None else sidecar
+        raise IntegrityError(
+            f"cached file {path} is corrupt or not the expected file: its sha256 is {digest}, "
+            f"but {source} says {expected}. Delete {path} and {sidecar} so that it is downloaded again."
+        )
+
+
+def _url_filename(url: str) -> str:
+    name = os.path.basename(urllib.parse.urlparse(url).path)
+    if not name:
+        raise ValueError(f"URL {url!r} does not end in a file name")
+    return name
+
+
+def _open(path: str, mode: str):
+    return bf.BlobFile(path, mode) if is_cloud_path(path) else open(path, mode)
+
+
+def _sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with _open(path, "rb") as f:
+        for block in iter(lambda: f.read(_HASH_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sidecar_text(path: str, digest: str) -> str:
+    """`sha256sum` format, so `sha256sum -c file.sha256` works in the cache folder."""
+    return f"{digest}  {os.path.basename(path)}\n"
+
+
+def _read_sidecar(sidecar: str) -> Optional[str]:
+    if not (bf.exists(sidecar) if is_cloud_path(sidecar) else os.path.exists(sidecar)):
+        return None
+    with _open(sidecar, "r") as f:
+        fields = f.read().split()
+    return fields[0].lower() if fields else None
+
+
+def _write_text(path: str, text: str) -> None:
+    """Write `text` to `path`; a local file is replaced atomically."""
+    if is_cloud_path(path):
+        with bf.BlobFile(path, "w") as f:
+            f.write(text)
+        return
+    tmp_path = f"{path}.{uuid.uuid4().hex}.tmp"
+    with open(tmp_path, "w") as f:
+        f.write(text)
+    os.replace(tmp_path, path)
