@@ -20,7 +20,7 @@ reference order (one ``torch.randn`` start image when ``noise`` is None, then on
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -121,8 +121,8 @@ class GaussianDiffusion:
 
     def __init__(self, *, betas: Union[np.ndarray, Sequence[float]]):
         betas = np.array(betas, dtype=np.float64)
-        if betas.ndim != 1 or len(betas) == 0:
-            raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
+        if betas.ndim != 1 or len(betas) < 2:
+            raise ValueError(f"betas must be a 1-D array of at least 2 steps, got shape {betas.shape}")
         if not ((betas > 0) & (betas <= 1)).all():
             raise ValueError("every beta must lie in (0, 1]")
         self.betas = betas
@@ -162,10 +162,8 @@ class GaussianDiffusion:
             arrays = {name: getattr(self, name) for name in COEFFICIENT_ARRAYS}
             arrays["one_minus_alphas_cumprod"] = 1.0 - self.alphas_cumprod
             arrays["log_betas"] = np.log(self.betas)
-            cached = {
-                name: torch.from_numpy(array).to(device=device, dtype=torch.float32)
-                for name, array in arrays.items()
-            }
+            # Cast on the host: some devices (Apple MPS) have no float64.
+            cached = {name: torch.from_numpy(array).float().to(device) for name, array in arrays.items()}
             self._coefficient_cache[device] = cached
         return cached
 
@@ -176,7 +174,9 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ forward process
 
-    def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor):
+    def q_mean_variance(
+        self, x_start: torch.Tensor, t: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean, variance and log variance of q(x_t | x_0), each shaped like x_start."""
         mean = self._extract("sqrt_alphas_cumprod", t, x_start.ndim) * x_start
         variance = self._extract("one_minus_alphas_cumprod", t, x_start.ndim).expand(x_start.shape)
@@ -199,7 +199,9 @@ class GaussianDiffusion:
             + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start.ndim) * noise
         )
 
-    def q_posterior_mean_variance(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+    def q_posterior_mean_variance(
+        self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0), each shaped like x_t."""
         if x_start.shape != x_t.shape:
             raise ValueError(f"x_start {tuple(x_start.shape)} and x_t {tuple(x_t.shape)} differ in shape")
@@ -278,7 +280,7 @@ class GaussianDiffusion:
         }
 
     @staticmethod
-    def _split_model_output(model_output: torch.Tensor, x: torch.Tensor):
+    def _split_model_output(model_output: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """[N x 2C x ...] -> (eps, v), each [N x C x ...]."""
         channels = x.shape[1]
         expected = (x.shape[0], 2 * channels, *x.shape[2:])

@@ -85,7 +85,7 @@ def _sectioned_timesteps(num_timesteps: int, counts: List[int], spec: Any) -> Se
 class _OriginalTimesteps:
     """Calls ``fn(x, t, **kwargs)`` with respaced step indices t replaced by original timesteps."""
 
-    def __init__(self, fn: Callable[..., torch.Tensor], diffusion: "SpacedDiffusion"):
+    def __init__(self, fn: Callable[..., torch.Tensor], diffusion: SpacedDiffusion):
         self.fn = fn
         self.diffusion = diffusion
 

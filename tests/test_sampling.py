@@ -1,5 +1,7 @@
 """Sampling loops: golden/sampling.pt whole runs, global-RNG draw order, generators, progress bars."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn as nn
@@ -15,7 +17,9 @@ def golden():
     return load_golden("sampling.pt")
 
 
+@functools.lru_cache(maxsize=None)
 def load_unet(file_name):
+    """A small golden U-Net in eval mode, shared by the tests that use it (they do not modify it)."""
     from glide_text2im.model_creation import create_model_and_diffusion
 
     g = load_golden(file_name)

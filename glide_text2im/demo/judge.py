@@ -1,30 +1,41 @@
 """A pixel judge for the shapes dataset: which shape, colour, size, position and background.
 
-No model is involved. The image is box-downsampled to at most 64 x 64 and median-filtered
-(3 x 3) against noise; the background is the median of the two-pixel border ring; a pixel's
-"alpha" is its colour distance from the background relative to the shape's own distance,
-ramped so that half-covered pixels count one half. The largest connected blob is the shape:
+No model is involved. The image is box-downsampled to at most 64 x 64 and smoothed with a
+3 x 3 binomial filter against noise. The background colour is the median of the two-pixel
+border ring. A pixel's alpha is its colour distance from the background relative to the
+shape's own distance (a high percentile of the distances of clearly non-background pixels),
+ramped so that a half-covered pixel counts about one half. The largest 4-connected blob of
+pixels with alpha >= 1/2 (grown by one pixel to keep its soft edge) is the shape:
 
-- colour: the named shape colour nearest to the median of the blob's fully covered pixels;
-- shape: nearest prototype of (fill ratio of the bounding box, how far the centre of mass
-  sits below the bounding-box centre): square (1, 0), circle (pi/4, 0), triangle (1/2, 1/6);
-- size: the geometric mean of the bounding box's sides against the geometric mean of the
-  nominal small and large extents;
-- position: the named region whose centre is nearest to the bounding-box centre.
-
-The bounding box is measured softly: its width is the sum over columns of the largest alpha
-in each column (and likewise for the height), so it has sub-pixel precision.
+- colour: the named shape colour nearest to the median of the blob's most distant quarter
+  of pixels (the purest ones; edge pixels are mixed with the background);
+- shape: the nearest prototype of two features: area / (longest column x longest row), the
+  largest sums of alpha down a column and along a row, which is the bounding box's fill ratio for these axis-aligned shapes (square 1,
+  circle pi/4, triangle 1/2) and, unlike the fill ratio, barely changes under blur; and the
+  skewness of the mass along y (0 for the symmetric shapes, negative for the upward triangle);
+- size: the geometric mean of the longest column and row (the bounding box's sides; a
+  triangle reads 5-12% small as the smoothing blunts its tip) against the geometric mean of
+  the nominal small and large extents;
+- position: the named region whose centre is nearest to the centre of mass.
 """
 
 import dataclasses
 import math
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
-from glide_text2im.demo.shapes import ATTRIBUTES, BACKGROUNDS, COLOURS, POSITIONS, SIZES, PartialSpec, ShapeSpec
+from glide_text2im.demo.shapes import (
+    ATTRIBUTES,
+    BACKGROUNDS,
+    COLOURS,
+    POSITIONS,
+    SIZES,
+    PartialSpec,
+    ShapeSpec,
+)
 
 NONE = "none"
 
@@ -36,24 +47,24 @@ MIN_AREA = 0.004
 # alpha rises linearly from 0 to 1 between these fractions of the shape's colour distance.
 ALPHA_RAMP = (0.3, 0.7)
 
-# Prototype (area / (longest row x longest column), skewness of the mass along y) of each
-# shape, as measured on dataset renders at 64 px after a Gaussian blur of 1 px (the ideal
-# shapes give (1, 0), (pi/4, 0) and (1/2, -2 sqrt(2) / 5); blur rounds corners and tips).
+# Prototype (area / (longest column x longest row), skewness of the mass along y) of each
+# shape as measured on dataset renders at 64 px after a 1 px Gaussian blur. Ideal shapes give
+# (pi/4, 0), (1, 0) and (1/2, -2 sqrt(2) / 5); blur rounds corners and the triangle's tip.
 SHAPE_FEATURES = {"circle": (0.79, 0.0), "square": (0.96, 0.0), "triangle": (0.62, -0.47)}
-SKEW_WEIGHT = 1.0
 LARGE_EXTENT = math.sqrt(SIZES["small"] * SIZES["large"])
+
+ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
 class Judgement:
-    """What the judge sees; the shape attributes are "none" when no shape was found.
+    """What the judge sees; shape, colour, size and position are "none" when no shape is found.
 
-    ``area`` and ``extent`` are fractions of the canvas (area) and of its side (extent:
-    geometric mean of the bounding box's sides); ``centre`` is the bounding-box centre
-    (x, y); ``fill`` the area over the bounding box's area; ``colour_rgb`` and
-    ``background_rgb`` are measured colours in uint8 units, ``colour_error`` the distance
-    from ``colour_rgb`` to the named colour; ``blobs`` the number of blobs of at least
-    ``MIN_AREA`` (1 for a clean image).
+    Measurements: ``area`` (fraction of the canvas), ``extent`` (bounding-box side as a
+    fraction of the canvas side), ``centre`` (centre of mass, (x, y) in [0, 1], y down),
+    ``fill`` and ``skew`` (the shape features), ``colour_rgb`` / ``background_rgb``
+    (measured colours in uint8 units), ``colour_error`` (distance from ``colour_rgb`` to the
+    named colour) and ``blobs`` (number of blobs of at least ``MIN_AREA``; 1 when clean).
     """
 
     shape: str
@@ -84,63 +95,43 @@ class Judgement:
         }
 
 
-def judge(image: Union[Image.Image, np.ndarray, torch.Tensor]) -> Judgement:
+def judge(image: ImageLike) -> Judgement:
     """Judge one square RGB image: a PIL image, a uint8 array [H x W x 3] or a float tensor
-    [3 x H x W] in [-1, 1]."""
+    [3 x H x W] in [-1, 1]; the side must be at least 16."""
     rgb = _smooth(_working_copy(_to_rgb(image)))
-    side = rgb.shape[0]
-    ring = np.concatenate([rgb[:2].reshape(-1, 3), rgb[-2:].reshape(-1, 3), rgb[:, :2].reshape(-1, 3), rgb[:, -2:].reshape(-1, 3)])
-    background_rgb = np.median(ring, axis=0)
+    background_rgb = np.median(_border_ring(rgb), axis=0)
     background = _nearest(background_rgb, BACKGROUNDS)
-    nothing = Judgement(NONE, NONE, NONE, NONE, background, background_rgb=_as_tuple(background_rgb))
 
     distance = np.linalg.norm(rgb - background_rgb, axis=-1)
-    min_pixels = MIN_AREA * side * side
-    candidates = distance > CANDIDATE_DISTANCE
-    if candidates.sum() < min_pixels:
-        return nothing
-    shape_distance = np.percentile(distance[candidates], 75)
-    low, high = ALPHA_RAMP
-    alpha = np.clip((distance / shape_distance - low) / (high - low), 0.0, 1.0)
+    alpha, blob, blobs = _segment(distance)
+    if blob is None:
+        return Judgement(NONE, NONE, NONE, NONE, background, background_rgb=_as_tuple(background_rgb))
 
-    labels = _components(alpha >= 0.5)
-    pixels_per_label = np.bincount(labels.ravel())
-    pixels_per_label[0] = 0
-    blobs = int((pixels_per_label >= min_pixels).sum())
-    if blobs == 0:
-        return nothing
-    blob = labels == pixels_per_label.argmax()
-    alpha = alpha * _dilate(blob)
-
+    side = rgb.shape[0]
     coords = (np.arange(side) + 0.5) / side
-    area = alpha.sum() / side**2
-    # Longest column and row of the blob: its bounding box's height and width.
-    height, width = alpha.sum(axis=0).max() / side, alpha.sum(axis=1).max() / side
+    mass = alpha.sum()
+    column_mass, row_mass = alpha.sum(axis=0), alpha.sum(axis=1)
+    height, width = column_mass.max() / side, row_mass.max() / side
+    area = float(mass) / side**2
     fill = area / (width * height)
-    centre = (float(alpha.sum(axis=0) @ coords) / alpha.sum(), float(alpha.sum(axis=1) @ coords) / alpha.sum())
-    rows = alpha.sum(axis=1) / alpha.sum()
+    centre = (float(column_mass @ coords / mass), float(row_mass @ coords / mass))
     spread = coords - centre[1]
-    skew = float(rows @ spread**3) / float(rows @ spread**2) ** 1.5
-    shape = min(
-        SHAPE_FEATURES,
-        key=lambda name: math.hypot(fill - SHAPE_FEATURES[name][0], SKEW_WEIGHT * (skew - SHAPE_FEATURES[name][1])),
-    )
+    skew = float((row_mass @ spread**3) / mass) / float((row_mass @ spread**2) / mass) ** 1.5
     extent = math.sqrt(width * height)
-    position = min(POSITIONS, key=lambda name: math.dist(centre, POSITIONS[name]))
 
     core = blob & (distance >= np.percentile(distance[blob], 75))
     colour_rgb = np.median(rgb[core], axis=0)
     colour = _nearest(colour_rgb, COLOURS)
     return Judgement(
-        shape=shape,
+        shape=min(SHAPE_FEATURES, key=lambda name: math.dist((fill, skew), SHAPE_FEATURES[name])),
         colour=colour,
         size="large" if extent >= LARGE_EXTENT else "small",
-        position=position,
+        position=min(POSITIONS, key=lambda name: math.dist(centre, POSITIONS[name])),
         background=background,
-        area=float(area),
+        area=area,
         extent=extent,
         centre=centre,
-        fill=float(fill),
+        fill=fill,
         skew=skew,
         colour_rgb=_as_tuple(colour_rgb),
         colour_error=float(np.linalg.norm(colour_rgb - np.array(COLOURS[colour]))),
@@ -149,14 +140,15 @@ def judge(image: Union[Image.Image, np.ndarray, torch.Tensor]) -> Judgement:
     )
 
 
-def judge_batch(images: torch.Tensor) -> list:
-    """Judge each image of a float tensor [N x 3 x H x W] in [-1, 1]; a list of Judgements."""
+def judge_batch(images: torch.Tensor) -> List[Judgement]:
+    """Judge each image of a float tensor [N x 3 x H x W] in [-1, 1]."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise ValueError(f"expected a tensor [N x 3 x H x W], got {getattr(images, 'shape', type(images))}")
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"expected a tensor [N x 3 x H x W], got {got}")
     return [judge(image) for image in images]
 
 
-def _to_rgb(image: Union[Image.Image, np.ndarray, torch.Tensor]) -> np.ndarray:
+def _to_rgb(image: ImageLike) -> np.ndarray:
     """Any accepted input as float64 [H x W x 3] in [0, 255]."""
     if isinstance(image, Image.Image):
         rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
@@ -166,7 +158,9 @@ def _to_rgb(image: Union[Image.Image, np.ndarray, torch.Tensor]) -> np.ndarray:
         rgb = image.astype(np.float64)
     elif isinstance(image, torch.Tensor):
         if not image.is_floating_point() or image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"expected a float tensor [3 x H x W] in [-1, 1], got {image.dtype} {tuple(image.shape)}")
+            raise ValueError(
+                f"expected a float tensor [3 x H x W] in [-1, 1], got {image.dtype} {tuple(image.shape)}"
+            )
         scaled = (image.detach().to("cpu", torch.float64).clamp(-1, 1) + 1) * 127.5
         rgb = scaled.permute(1, 2, 0).numpy()
     else:
@@ -186,10 +180,10 @@ def _working_copy(rgb: np.ndarray) -> np.ndarray:
         factor = side // WORK_SIZE
         return rgb.reshape(WORK_SIZE, factor, WORK_SIZE, factor, 3).mean(axis=(1, 3))
     channels = [
-        np.asarray(Image.fromarray(rgb[..., c].astype(np.float32), mode="F").resize((WORK_SIZE,) * 2, Image.BOX))
+        Image.fromarray(rgb[..., c].astype(np.float32), mode="F").resize((WORK_SIZE, WORK_SIZE), Image.BOX)
         for c in range(3)
     ]
-    return np.stack(channels, axis=-1).astype(np.float64)
+    return np.stack([np.asarray(channel) for channel in channels], axis=-1).astype(np.float64)
 
 
 def _smooth(rgb: np.ndarray) -> np.ndarray:
@@ -197,17 +191,49 @@ def _smooth(rgb: np.ndarray) -> np.ndarray:
     side = rgb.shape[0]
     padded = np.pad(rgb, ((1, 1), (1, 1), (0, 0)), mode="edge")
     weights = (0.25, 0.5, 0.25)
-    return sum(weights[i] * weights[j] * padded[i : i + side, j : j + side] for i in range(3) for j in range(3))
+    return sum(
+        weights[i] * weights[j] * padded[i : i + side, j : j + side] for i in range(3) for j in range(3)
+    )
 
 
-def _shifts(array: np.ndarray) -> list:
-    """The array and its four 4-connected neighbours (zero outside)."""
+def _border_ring(rgb: np.ndarray) -> np.ndarray:
+    """The pixels of the two outermost rows and columns, [P x 3]."""
+    columns = rgb.transpose(1, 0, 2)
+    return np.concatenate([rgb[:2], rgb[-2:], columns[:2], columns[-2:]]).reshape(-1, 3)
+
+
+def _segment(distance: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray], int]:
+    """Soft mask of the largest blob from the distance map [H x W] to the background.
+
+    Returns alpha [H x W] in [0, 1] (zero away from the blob), the blob's boolean mask (None
+    when nothing of at least MIN_AREA stands out) and the number of such blobs.
+    """
+    min_pixels = MIN_AREA * distance.size
+    candidates = distance > CANDIDATE_DISTANCE
+    if candidates.sum() < min_pixels:
+        return np.zeros_like(distance), None, 0
+    shape_distance = np.percentile(distance[candidates], 75)
+    low, high = ALPHA_RAMP
+    alpha = np.clip((distance / shape_distance - low) / (high - low), 0.0, 1.0)
+
+    labels = _components(alpha >= 0.5)
+    pixels_per_label = np.bincount(labels.ravel())
+    pixels_per_label[0] = 0
+    blobs = int((pixels_per_label >= min_pixels).sum())
+    if blobs == 0:
+        return np.zeros_like(distance), None, 0
+    blob = labels == pixels_per_label.argmax()
+    return alpha * _dilate(blob), blob, blobs
+
+
+def _shifts(array: np.ndarray) -> List[np.ndarray]:
+    """The array and its four 4-connected neighbours (zero outside): self, up, down, left, right."""
     padded = np.pad(array, 1)
     return [padded[1:-1, 1:-1], padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]]
 
 
 def _components(mask: np.ndarray) -> np.ndarray:
-    """Label the 4-connected components of a boolean mask (0 = outside, labels > 0)."""
+    """Label the 4-connected components of a boolean mask (0 outside, a distinct label > 0 each)."""
     labels = np.where(mask, np.arange(1, mask.size + 1).reshape(mask.shape), 0)
     while True:
         spread = np.where(mask, np.maximum.reduce(_shifts(labels)), 0)
@@ -218,13 +244,13 @@ def _components(mask: np.ndarray) -> np.ndarray:
 
 def _dilate(mask: np.ndarray) -> np.ndarray:
     """Grow a boolean mask by one pixel in all eight directions."""
-    rows = np.maximum.reduce(_shifts(mask.astype(np.uint8))[:3])
-    return np.maximum.reduce([rows, *_shifts(rows)[3:]]).astype(bool)
+    columns = np.maximum.reduce(_shifts(mask.astype(np.uint8))[:3])
+    return np.maximum.reduce([columns, *_shifts(columns)[3:]]).astype(bool)
 
 
 def _nearest(rgb: np.ndarray, palette: Dict[str, Tuple[int, int, int]]) -> str:
     return min(palette, key=lambda name: float(np.linalg.norm(rgb - np.array(palette[name]))))
 
 
-def _as_tuple(rgb: np.ndarray) -> tuple:
+def _as_tuple(rgb: np.ndarray) -> Tuple[float, float, float]:
     return tuple(float(v) for v in rgb)

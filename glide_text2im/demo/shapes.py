@@ -125,10 +125,12 @@ class ShapeSpec:
         _check_name("position", self.position, POSITIONS)
         _check_name("background", self.background, BACKGROUNDS)
         if self.background not in backgrounds_for(self.colour):
-            raise ValueError(f"a {self.colour} shape is too close in colour to a {self.background} background")
-        if max(abs(self.dx), abs(self.dy)) > POSITION_JITTER:
+            raise ValueError(
+                f"a {self.colour} shape is too close in colour to a {self.background} background"
+            )
+        if max(abs(self.dx), abs(self.dy)) > POSITION_JITTER + 1e-12:
             raise ValueError(f"offset ({self.dx}, {self.dy}) exceeds POSITION_JITTER={POSITION_JITTER}")
-        if abs(self.scale - 1.0) > SIZE_JITTER:
+        if abs(self.scale - 1.0) > SIZE_JITTER + 1e-12:
             raise ValueError(f"scale {self.scale} is outside 1 +- SIZE_JITTER={SIZE_JITTER}")
 
     @property
@@ -215,10 +217,10 @@ def _fill(template: str, words: dict) -> str:
 
 
 def _omitted(rng: random.Random, partial_prob: float) -> Tuple[str, ...]:
-    """With probability ``partial_prob`` drop each attribute with chance 1/2, keeping one."""
+    """With probability ``partial_prob`` keep a random 1 to 4 of the five attributes."""
     if rng.random() >= partial_prob:
         return ()
-    kept = [name for name in ATTRIBUTES if rng.random() < 0.5] or [rng.choice(ATTRIBUTES)]
+    kept = rng.sample(ATTRIBUTES, rng.randint(1, len(ATTRIBUTES) - 1))
     return tuple(name for name in ATTRIBUTES if name not in kept)
 
 

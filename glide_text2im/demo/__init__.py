@@ -1,0 +1,1 @@
+"""The embedded demo: a procedural captioned dataset of coloured shapes and a pixel judge."""

@@ -1,0 +1,225 @@
+import dataclasses
+import itertools
+import json
+import random
+import re
+
+import numpy as np
+import pytest
+
+from glide_text2im.demo import shapes
+from glide_text2im.demo.shapes import PartialSpec, ShapeSpec, caption, parse_prompt, render
+
+
+def _words(text):
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+def _attributes(spec):
+    return {name: getattr(spec, name) for name in shapes.ATTRIBUTES}
+
+
+def test_sample_spec_is_deterministic_and_covers_every_value():
+    specs = [shapes.sample_spec(random.Random(seed)) for seed in range(1500)]
+    assert specs[:20] == [shapes.sample_spec(random.Random(seed)) for seed in range(20)]
+    for name, values in [
+        ("shape", shapes.SHAPES),
+        ("colour", shapes.COLOURS),
+        ("size", shapes.SIZES),
+        ("position", shapes.POSITIONS),
+        ("background", shapes.BACKGROUNDS),
+    ]:
+        assert {getattr(spec, name) for spec in specs} == set(values)
+    assert all(spec.background in shapes.backgrounds_for(spec.colour) for spec in specs)
+
+
+def test_low_contrast_pairs_are_excluded():
+    assert "gray" not in shapes.backgrounds_for("purple")
+    assert "beige" not in shapes.backgrounds_for("pink")
+    assert shapes.backgrounds_for("red") == ("white", "black", "gray", "beige")
+    for colour, background in itertools.product(shapes.COLOURS, shapes.BACKGROUNDS):
+        contrast = np.linalg.norm(np.subtract(shapes.COLOURS[colour], shapes.BACKGROUNDS[background]))
+        assert (background in shapes.backgrounds_for(colour)) == (contrast >= shapes.MIN_CONTRAST)
+
+
+def test_shape_spec_rejects_bad_values():
+    with pytest.raises(ValueError, match="unknown shape 'hexagon'"):
+        ShapeSpec("hexagon", "red", "small", "center", "white")
+    with pytest.raises(ValueError, match="too close in colour"):
+        ShapeSpec("circle", "purple", "small", "center", "gray")
+    with pytest.raises(ValueError, match="POSITION_JITTER"):
+        ShapeSpec("circle", "red", "small", "center", "white", dx=0.1)
+    with pytest.raises(ValueError, match="SIZE_JITTER"):
+        ShapeSpec("circle", "red", "small", "center", "white", scale=1.5)
+
+
+def test_render_pixels_of_a_hand_checked_square():
+    # extent 0.38 of 64 px = 24.32 px centred at 32: the square covers x in [19.84, 44.16].
+    image = np.asarray(render(ShapeSpec("square", "red", "large", "center", "white"), 64))
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    assert image[32, 32].tolist() == [215, 25, 35]
+    assert image[0, 0].tolist() == [255, 255, 255]
+    # Column 19: one of the four sub-columns (19.875) is inside, so a quarter of the red.
+    assert image[32, 19].tolist() == [245, 198, 200]
+    assert image[32, 18].tolist() == [255, 255, 255]
+    # Column 44 mirrors it: only its first sub-column (44.125) is inside.
+    assert image[32, 43].tolist() == [215, 25, 35]
+    assert image[32, 44].tolist() == [245, 198, 200]
+    assert image[32, 45].tolist() == [255, 255, 255]
+
+
+def test_render_areas_match_the_geometry():
+    extent = shapes.SIZES["large"]
+    for shape, area in [("circle", np.pi / 4), ("square", 1.0), ("triangle", 0.5)]:
+        spec = ShapeSpec(shape, "blue", "large", "top right", "black")
+        coverage = np.asarray(render(spec, 128))[..., 2].astype(np.float64) / 225.0
+        assert coverage.mean() == pytest.approx(area * extent**2, rel=0.01)
+
+
+def test_triangle_points_up_with_its_base_at_the_bottom():
+    image = np.asarray(render(ShapeSpec("triangle", "green", "large", "center", "white"), 64))
+    covered = (image != 255).any(axis=-1)
+    widths = covered.sum(axis=1)
+    rows = np.flatnonzero(widths)
+    assert widths[rows[0]] <= 2 and widths[rows[-1]] >= 24
+    assert np.all(np.diff(widths[rows]) >= 0)
+
+
+@pytest.mark.parametrize("position", list(shapes.POSITIONS))
+def test_shapes_never_touch_the_canvas_edge(position):
+    jitter = shapes.POSITION_JITTER
+    for shape, dx, dy in itertools.product(shapes.SHAPES, (-jitter, jitter), (-jitter, jitter)):
+        spec = ShapeSpec(shape, "red", "large", position, "white", dx, dy, 1 + shapes.SIZE_JITTER)
+        image = np.asarray(render(spec, 64))
+        ring = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+        assert (ring == 255).all(), (shape, position, dx, dy)
+
+
+def test_render_at_256_downsampled_matches_render_at_64():
+    for seed in range(6):
+        spec = shapes.sample_spec(random.Random(seed))
+        small = np.asarray(render(spec, 64)).astype(np.float64)
+        large = np.asarray(render(spec, 256).reduce(4)).astype(np.float64)
+        assert np.abs(small - large).mean() < 0.6
+        assert np.abs(small - large).max() <= 40
+
+
+def test_render_is_deterministic():
+    spec = shapes.sample_spec(random.Random(3))
+    assert render(spec, 64).tobytes() == render(spec, 64).tobytes()
+
+
+def test_captions_name_every_attribute_and_parse_back():
+    rng = random.Random(0)
+    for _ in range(400):
+        spec = shapes.sample_spec(rng)
+        for held_out in (False, True):
+            text = caption(spec, rng, held_out=held_out)
+            assert dataclasses.asdict(parse_prompt(text)) == _attributes(spec), text
+
+
+def test_caption_examples():
+    spec = ShapeSpec("circle", "orange", "large", "top left", "white")
+    texts = {caption(spec, random.Random(seed)) for seed in range(200)}
+    assert "a large orange circle in the top left on a white background" in texts
+    assert "orange circle, large, top left, white background" in texts
+    assert "top left: a big orange circle on white" in texts
+    assert not any(" a orange" in text for text in texts)
+    held_out = {caption(spec, random.Random(seed), held_out=True) for seed in range(200)}
+    assert "an image of a large orange circle in the top left over white" in held_out
+
+
+def test_held_out_templates_carry_a_word_no_training_caption_can_contain():
+    training_words = set().union(*(_words(template) for template in shapes.TRAIN_TEMPLATES))
+    vocabulary = set().union(*(_words(word) for words in shapes.SYNONYMS.values() for word in words))
+    names = [*shapes.SHAPES, *shapes.COLOURS, *shapes.BACKGROUNDS]
+    vocabulary |= set().union(*(_words(name) for name in names))
+    vocabulary |= _words(" ".join(shapes.POSITIONS)) | {"shape"}
+    for template, marker in zip(shapes.HELD_OUT_TEMPLATES, shapes.HELD_OUT_MARKERS):
+        assert marker in _words(re.sub(r"\[[^\]]*\]", "", template))
+        assert marker not in training_words | vocabulary
+
+
+def test_held_out_captions_never_equal_training_captions():
+    rng = random.Random(1)
+    train, held_out = set(), set()
+    for _ in range(3000):
+        spec = shapes.sample_spec(rng)
+        omit = [name for name in shapes.ATTRIBUTES if rng.random() < 0.3]
+        train.add(caption(spec, rng, omit=omit))
+        held_out.add(caption(spec, rng, held_out=True, omit=omit))
+    assert len(held_out) > 1000 and not train & held_out
+
+
+def test_partial_captions_leave_out_the_omitted_attributes():
+    spec = ShapeSpec("square", "cyan", "small", "bottom right", "black")
+    for seed in range(30):
+        text = caption(spec, random.Random(seed), omit=("colour", "background", "shape"))
+        assert parse_prompt(text) == PartialSpec(size="small", position="bottom right"), text
+        assert "shape" in _words(text)
+    text = caption(PartialSpec(colour="pink"), random.Random(0), held_out=True)
+    assert parse_prompt(text) == PartialSpec(colour="pink")
+    with pytest.raises(ValueError, match="unknown attributes"):
+        caption(spec, random.Random(0), omit=("hue",))
+
+
+def test_parse_prompt_reads_free_text():
+    assert parse_prompt("Draw a BIG Orange triangle in the upper-left corner, grey backdrop") == PartialSpec(
+        "triangle", "orange", "large", "top left", "gray"
+    )
+    assert parse_prompt("little squares in the middle") == PartialSpec(size="small", position="center")
+    assert parse_prompt("a red circle over white") == PartialSpec("circle", "red", None, None, "white")
+    assert parse_prompt("an armchair in the shape of an avocado") == PartialSpec()
+    with pytest.raises(TypeError):
+        parse_prompt(None)
+
+
+def test_iter_examples_is_deterministic_and_prefix_stable():
+    first = list(shapes.iter_examples(6, seed=7, size=32))
+    again = list(shapes.iter_examples(3, seed=7, size=32))
+    for (image, text, spec), (image2, text2, spec2) in zip(first, again):
+        assert (image.tobytes(), text, spec) == (image2.tobytes(), text2, spec2)
+        assert image.size == (32, 32)
+        assert dataclasses.asdict(parse_prompt(text)) == _attributes(spec)
+    other = [text for _, text, _ in shapes.iter_examples(6, seed=8, size=32)]
+    assert other != [text for _, text, _ in first]
+
+
+def test_partial_prob_one_omits_something_but_keeps_something():
+    for _, text, spec in shapes.iter_examples(40, seed=0, size=16, partial_prob=1.0):
+        asked = {name: value for name, value in dataclasses.asdict(parse_prompt(text)).items() if value}
+        assert 0 < len(asked) < len(shapes.ATTRIBUTES), text
+        assert all(getattr(spec, name) == value for name, value in asked.items())
+
+
+def test_generate_dataset_layout_and_byte_identical_reruns(tmp_path):
+    first = shapes.generate_dataset(tmp_path / "a", n=3, seed=5, sizes=(32, 64))
+    second = shapes.generate_dataset(tmp_path / "b", n=3, seed=5, sizes=(32, 64))
+    names = sorted(path.name for path in first.iterdir())
+    assert names == [
+        "00000.txt", "00000_32.png", "00000_64.png",
+        "00001.txt", "00001_32.png", "00001_64.png",
+        "00002.txt", "00002_32.png", "00002_64.png",
+        "specs.jsonl",
+    ]  # fmt: skip
+    assert all((first / name).read_bytes() == (second / name).read_bytes() for name in names)
+
+    records = [json.loads(line) for line in (first / "specs.jsonl").read_text().splitlines()]
+    examples = list(shapes.iter_examples(3, seed=5, size=64))
+    for index, (record, (image, text, spec)) in enumerate(zip(records, examples)):
+        assert ShapeSpec(**record["spec"]) == spec
+        assert record["caption"] == text == (first / f"{index:05d}.txt").read_text()
+        with shapes.Image.open(first / f"{index:05d}_64.png") as saved:
+            assert saved.mode == "RGB" and saved.tobytes() == image.tobytes()
+
+    third = shapes.generate_dataset(tmp_path / "c", n=3, seed=6, sizes=(32,))
+    assert (third / "00000_32.png").read_bytes() != (first / "00000_32.png").read_bytes()
+
+
+def test_generate_dataset_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="n must"):
+        shapes.generate_dataset(tmp_path, n=-1, seed=0)
+    with pytest.raises(ValueError, match="sizes"):
+        shapes.generate_dataset(tmp_path, n=1, seed=0, sizes=())
+    with pytest.raises(ValueError, match="partial_prob"):
+        list(shapes.iter_examples(1, seed=0, partial_prob=2.0))
