@@ -31,7 +31,9 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
+        # setuptools: tests/test_package.py builds the wheel without build isolation, which
+        # needs a setuptools that has bdist_wheel built in (the one venv bundles does not).
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel", "setuptools>=70.1"],
     },
     entry_points={"console_scripts": ["glide-text2im=glide_text2im.cli:main"]},
 )

@@ -10,9 +10,10 @@ pixels with alpha >= 1/2 (grown by one pixel to keep its soft edge) is the shape
 - colour: the named shape colour nearest to the median of the blob's most distant quarter
   of pixels (the purest ones; edge pixels are mixed with the background);
 - shape: the nearest prototype of two features: area / (longest column x longest row), the
-  largest sums of alpha down a column and along a row, which is the bounding box's fill ratio for these axis-aligned shapes (square 1,
-  circle pi/4, triangle 1/2) and, unlike the fill ratio, barely changes under blur; and the
-  skewness of the mass along y (0 for the symmetric shapes, negative for the upward triangle);
+  largest sums of alpha down a column and along a row, which for these axis-aligned shapes
+  is the bounding box's fill ratio (square 1, circle pi/4, triangle 1/2) but, unlike a
+  thresholded bounding box, barely changes under blur and noise; and the skewness of the
+  mass along y (0 for the symmetric shapes, negative for the upward triangle);
 - size: the geometric mean of the longest column and row (the bounding box's sides; a
   triangle reads 5-12% small as the smoothing blunts its tip) against the geometric mean of
   the nominal small and large extents;

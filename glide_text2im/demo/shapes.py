@@ -18,6 +18,7 @@ per example from ``(seed, index)``.
 
 import dataclasses
 import json
+import numbers
 import random
 import re
 from pathlib import Path
@@ -230,8 +231,9 @@ def render(spec: ShapeSpec, size: int) -> Image.Image:
     Coverage is measured at the pixel centres of a 4x larger grid and box-averaged, so a
     256 px render box-downsampled to 64 px closely matches the 64 px render.
     """
-    if not isinstance(size, int) or size < 8:
+    if not isinstance(size, numbers.Integral) or size < 8:
         raise ValueError(f"size must be an int >= 8, got {size!r}")
+    size = int(size)
     fine = size * SUPERSAMPLING
     coords = (np.arange(fine, dtype=np.float64) + 0.5) / fine
     x, y = coords[None, :], coords[:, None]
@@ -322,9 +324,9 @@ def generate_dataset(
 
 
 def _check_count(n: int) -> int:
-    if not isinstance(n, int) or n < 0:
+    if not isinstance(n, numbers.Integral) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
-    return n
+    return int(n)
 
 
 def _example(seed: int, index: int, partial_prob: float) -> Tuple[ShapeSpec, str]:

@@ -1,0 +1,450 @@
+"""The ``glide-text2im`` command (also ``python -m glide_text2im``).
+
+    glide-text2im generate "a corgi in a field" -n 4 --seed 0 --out images/
+    glide-text2im generate --prompts-file prompts.txt --grid
+    glide-text2im inpaint "a cat" --image photo.png --box 10,10,120,90
+    glide-text2im clip-guided "an oil painting of a corgi"
+    glide-text2im download
+
+Images are written as ``<prompt index>-<image index>.png`` with the prompt, its seed and the
+settings as PNG text chunks; the written paths are printed, one per line. Bad input ends the
+command with exit status 1 and a one-line message on stderr. Under ``torchrun`` the prompts
+are shared out across the ranks (prompt i goes to rank i mod WORLD_SIZE), each rank writing
+its own images.
+
+Subcommands are registered in ``SUBCOMMANDS``: each entry adds its parser to the subparsers
+and sets ``func=function(args) -> exit status``. ``train`` comes from ``glide_text2im.train.cli``.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from . import __version__
+
+PROG = "glide-text2im"
+
+
+class CommandError(ValueError):
+    """Bad input found by the command itself."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error of the command."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# ---------------------------------------------------------------------- subcommands
+
+
+def add_generate_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser("generate", help="text to image with classifier-free guidance")
+    parser.add_argument("prompts", nargs="*", help="prompts (or use --prompts-file)")
+    parser.add_argument("--prompts-file", help="UTF-8 file with one prompt per line (blank lines are skipped)")
+    _add_model_arguments(parser, base="base", upsampler="upsample")
+    _add_sampling_arguments(parser, guidance_scale=3.0, upsample_sampler="ddim")
+    _add_output_arguments(parser)
+    parser.set_defaults(func=run_generate)
+
+
+def add_inpaint_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser("inpaint", help="regenerate part of an image from a prompt")
+    parser.add_argument("prompts", nargs="+", help="prompts")
+    parser.add_argument("--image", required=True, help="the source image")
+    region = parser.add_mutually_exclusive_group(required=True)
+    region.add_argument("--mask", help="image marking the region to regenerate in white (image size or aspect ratio)")
+    region.add_argument("--box", help="pixel box x0,y0,x1,y1 of the source image to regenerate (x1, y1 exclusive)")
+    _add_model_arguments(parser, base="base-inpaint", upsampler="upsample-inpaint")
+    _add_sampling_arguments(parser, guidance_scale=5.0, upsample_sampler="ancestral")
+    _add_output_arguments(parser)
+    parser.set_defaults(func=run_inpaint)
+
+
+def add_clip_guided_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser("clip-guided", help="text to image guided by the noised CLIP")
+    parser.add_argument("prompts", nargs="+", help="prompts")
+    parser.add_argument("--clip-image-checkpoint", default="clip/image-enc", help="noised CLIP image encoder")
+    parser.add_argument("--clip-text-checkpoint", default="clip/text-enc", help="CLIP text encoder")
+    parser.add_argument(
+        "--clip-config", help="CLIP YAML config (default: sidecar <image checkpoint>.yaml, else the official one)"
+    )
+    _add_model_arguments(parser, base="base", upsampler="upsample")
+    _add_sampling_arguments(parser, guidance_scale=3.0, upsample_sampler="ddim")
+    _add_output_arguments(parser)
+    parser.set_defaults(func=run_clip_guided)
+
+
+def add_download_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "download",
+        help="prefetch checkpoints and vocabularies into the cache ($GLIDE_CACHE_DIR, else ~/.cache/glide_text2im)",
+    )
+    parser.add_argument(
+        "names", nargs="*", help="checkpoint names and/or 'vocab' (default: all official checkpoints and vocab)"
+    )
+    parser.set_defaults(func=run_download)
+
+
+def add_train_command(subparsers: Any) -> None:
+    from .train.cli import add_train_subcommand
+
+    add_train_subcommand(subparsers)
+
+
+SUBCOMMANDS: Tuple[Callable[[Any], None], ...] = (
+    add_generate_command,
+    add_inpaint_command,
+    add_clip_guided_command,
+    add_download_command,
+    add_train_command,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="GLIDE (filtered) text-to-image diffusion")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in SUBCOMMANDS:
+        add_command(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command; returns the exit status (0, 1 for bad input, 130 when interrupted)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if not isinstance(exc, _input_errors()):
+            raise
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _input_errors() -> Tuple[type, ...]:
+    """The exceptions that report bad input (or an unusable environment) rather than a bug."""
+    errors: Tuple[type, ...] = (ValueError, OSError, FloatingPointError)
+    download = sys.modules.get(f"{__package__}.download")  # imported only once models are involved
+    if download is not None:
+        errors += (download.DownloadError, download.IntegrityError)
+    return errors
+
+
+def _one_line(exc: BaseException) -> str:
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in message:
+        message = f"{message}: {exc.filename}"
+    return message
+
+
+# ---------------------------------------------------------------------- shared arguments
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, base: str, upsampler: str) -> None:
+    group = parser.add_argument_group("models")
+    group.add_argument("--base-checkpoint", default=base, help=f"name or .pt file (default {base})")
+    group.add_argument("--upsample-checkpoint", default=upsampler, help=f"name or .pt file (default {upsampler})")
+    group.add_argument("--no-upsample", action="store_true", help="stop at the 64x64 base images")
+    group.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best available)")
+    group.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float16 on CUDA, else float32)")
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser, guidance_scale: float, upsample_sampler: str) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt (default 1)")
+    group.add_argument("--seed", type=int, help="seed of the first prompt; prompt i uses seed + i (default: random)")
+    group.add_argument("--guidance-scale", type=float, default=guidance_scale, help=f"default {guidance_scale}")
+    group.add_argument("--steps", default="100", help="base timestep respacing: 100, ddim25, fast27, ... (default 100)")
+    group.add_argument("--sampler", default="ancestral", help="base sampler (default ancestral)")
+    group.add_argument("--upsample-steps", default="fast27", help="upsampler timestep respacing (default fast27)")
+    group.add_argument("--upsample-sampler", default=upsample_sampler, help=f"default {upsample_sampler}")
+    group.add_argument("--upsample-temp", type=float, default=0.997, help="upsampler start-noise scale (default 0.997)")
+    group.add_argument("--batch-size", type=int, default=4, help="prompts sampled together (default 4)")
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument("--out", default="outputs", help="output folder (default ./outputs)")
+    group.add_argument("--grid", action="store_true", help="also write grid.png with all images")
+    group.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+# ---------------------------------------------------------------------- runs
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    if bool(args.prompts) == bool(args.prompts_file):
+        raise CommandError("give prompts as arguments or with --prompts-file (one of the two)")
+    if args.prompts_file is not None:
+        _require_file(args.prompts_file, "prompts file")
+    _check_common_arguments(args)
+    prompts = _read_prompts_file(args.prompts_file) if args.prompts_file else list(args.prompts)
+    return _generate(args, prompts, _load_text2im, {}, {})
+
+
+def run_inpaint(args: argparse.Namespace) -> int:
+    _require_file(args.image, "image")
+    if args.mask is not None:
+        _require_file(args.mask, "mask")
+    box = _parse_box(args.box) if args.box is not None else None
+    _check_common_arguments(args)
+
+    from .pipelines.images import box_mask, check_mask_fits, load_image, load_mask
+
+    image = load_image(args.image)
+    mask = box_mask(box, image.size) if box is not None else load_mask(args.mask)
+    check_mask_fits(mask.shape, image.size)
+    region = {"box": args.box} if box is not None else {"mask": args.mask}
+    settings = dict(image=args.image, **region)
+    return _generate(args, list(args.prompts), _load_inpaint, dict(image=image, mask=mask), settings)
+
+
+def run_clip_guided(args: argparse.Namespace) -> int:
+    if args.clip_config is not None:
+        _require_file(args.clip_config, "CLIP config")
+    _check_common_arguments(args)
+
+    from .pipelines.loading import check_checkpoint_name
+
+    check_checkpoint_name(args.clip_image_checkpoint)
+    check_checkpoint_name(args.clip_text_checkpoint)
+    settings = dict(clip_image_checkpoint=args.clip_image_checkpoint, clip_text_checkpoint=args.clip_text_checkpoint)
+    return _generate(args, list(args.prompts), _load_clip_guided, {}, settings)
+
+
+def run_download(args: argparse.Namespace) -> int:
+    from .download import LOCAL_CHECKPOINTS, MODEL_PATHS, checkpoint_path
+    from .tokenizer.vocab import VOCAB_URLS, vocab_file
+
+    names = args.names or [*MODEL_PATHS, "vocab"]
+    for name in names:
+        if name != "vocab" and name not in MODEL_PATHS and name not in LOCAL_CHECKPOINTS:
+            known = ", ".join([*MODEL_PATHS, *LOCAL_CHECKPOINTS, "vocab"])
+            raise CommandError(f"unknown checkpoint {name!r}: known names are {known}")
+    for name in names:
+        paths = [vocab_file(f) for f in VOCAB_URLS] if name == "vocab" else [checkpoint_path(name)]
+        for path in paths:
+            print(path, flush=True)
+    return 0
+
+
+def _load_text2im(args: argparse.Namespace, device: Any, upsampler: Optional[str], progress: bool) -> Any:
+    from .pipelines import Text2ImPipeline
+
+    return Text2ImPipeline.from_pretrained(
+        args.base_checkpoint, upsampler, device=device, dtype=args.dtype, progress=progress
+    )
+
+
+def _load_inpaint(args: argparse.Namespace, device: Any, upsampler: Optional[str], progress: bool) -> Any:
+    from .pipelines import InpaintPipeline
+
+    return InpaintPipeline.from_pretrained(
+        args.base_checkpoint, upsampler, device=device, dtype=args.dtype, progress=progress
+    )
+
+
+def _load_clip_guided(args: argparse.Namespace, device: Any, upsampler: Optional[str], progress: bool) -> Any:
+    from .pipelines import CLIPGuidedPipeline
+
+    return CLIPGuidedPipeline.from_pretrained(
+        args.base_checkpoint,
+        upsampler,
+        clip_image=args.clip_image_checkpoint,
+        clip_text=args.clip_text_checkpoint,
+        clip_config=args.clip_config,
+        device=device,
+        dtype=args.dtype,
+        progress=progress,
+    )
+
+
+def _generate(
+    args: argparse.Namespace,
+    prompts: List[str],
+    load: Callable[[argparse.Namespace, Any, Optional[str], bool], Any],
+    call_kwargs: Dict[str, Any],
+    extra_settings: Dict[str, Any],
+) -> int:
+    """Check the models and prompts, load the pipeline, sample this rank's prompts and write the PNG files."""
+    from .pipelines.images import make_grid, save_png
+    from .pipelines.loading import check_checkpoint_name, check_prompt_lengths, check_respacing, checkpoint_options
+
+    if not prompts:
+        raise CommandError("no prompts given")
+    upsampler = None if args.no_upsample else args.upsample_checkpoint
+    for checkpoint, steps in ((args.base_checkpoint, args.steps), (upsampler, args.upsample_steps)):
+        if checkpoint is None:
+            continue
+        check_checkpoint_name(checkpoint)
+        options = checkpoint_options(checkpoint)
+        check_respacing(steps, options["diffusion_steps"])
+        check_prompt_lengths(prompts, options)
+    _check_samplers(args, upsampler)
+
+    rank, world_size, local_rank = _distributed_env()
+    if world_size > 1:
+        return _generate_distributed(args, prompts, load, call_kwargs, extra_settings, rank, world_size, local_rank)
+    indices = range(len(prompts))
+    written = _sample_and_write(args, prompts, load, call_kwargs, extra_settings, indices, args.device, True)
+    if args.grid and written:
+        grid_path = os.path.join(args.out, "grid.png")
+        save_png(make_grid([image for _, image in written]), grid_path, {"prompts": prompts})
+        print(grid_path)
+    return 0
+
+
+def _generate_distributed(args, prompts, load, call_kwargs, extra_settings, rank, world_size, local_rank) -> int:
+    """One rank of a torchrun job: the seed comes from rank 0, prompts i = rank (mod world_size) are ours."""
+    import torch
+    import torch.distributed as dist
+
+    from .pipelines.images import make_grid, save_png
+
+    dist.init_process_group("gloo")
+    try:
+        seed = [args.seed if args.seed is not None else _random_seed()]
+        dist.broadcast_object_list(seed, src=0)
+        args.seed = seed[0]
+        device = args.device
+        if device is None and torch.cuda.is_available():
+            device = f"cuda:{local_rank}"
+        indices = range(rank, len(prompts), world_size)
+        written = _sample_and_write(args, prompts, load, call_kwargs, extra_settings, indices, device, rank == 0)
+        if args.grid and written:
+            grid_path = os.path.join(args.out, f"grid-rank{rank}.png")
+            save_png(make_grid([image for _, image in written]), grid_path, {"prompts": [prompts[i] for i in indices]})
+            print(grid_path)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def _sample_and_write(args, prompts, load, call_kwargs, extra_settings, indices, device, show_progress) -> list:
+    """Sample prompts[i] for i in ``indices`` (batch by batch) and write one PNG per image."""
+    from .pipelines.images import save_png
+
+    indices = list(indices)
+    if not indices:
+        return []
+    upsampler = None if args.no_upsample else args.upsample_checkpoint
+    show_progress = show_progress and not args.quiet
+    pipe = load(args, device, upsampler, show_progress)
+    seed = args.seed if args.seed is not None else _random_seed()
+    settings = dict(
+        command=args.command,
+        base_checkpoint=args.base_checkpoint,
+        upsample_checkpoint=upsampler,
+        num_images_per_prompt=args.num_images,
+        guidance_scale=args.guidance_scale,
+        steps=args.steps,
+        sampler=args.sampler,
+        upsample_steps=args.upsample_steps if upsampler else None,
+        upsample_sampler=args.upsample_sampler if upsampler else None,
+        upsample_temp=args.upsample_temp if upsampler else None,
+        dtype=str(pipe.base.model.dtype).replace("torch.", ""),
+        device=pipe.device.type,
+        version=__version__,
+        **extra_settings,
+    )
+    written = []
+    for start in range(0, len(indices), args.batch_size):
+        batch = indices[start : start + args.batch_size]
+        out = pipe(
+            [prompts[i] for i in batch],
+            num_images_per_prompt=args.num_images,
+            guidance_scale=args.guidance_scale,
+            steps=args.steps,
+            sampler=args.sampler,
+            upsample=upsampler is not None,
+            upsample_steps=args.upsample_steps,
+            upsample_sampler=args.upsample_sampler,
+            upsample_temp=args.upsample_temp,
+            seed=[seed + i for i in batch],
+            progress=show_progress,
+            **call_kwargs,
+        )
+        for k, image in enumerate(out.images):
+            index, j = batch[k // args.num_images], k % args.num_images
+            path = os.path.join(args.out, f"{index:05d}-{j}.png")
+            metadata = dict(prompt=out.prompts[k], seed=str(out.seeds[k]), image_index=str(j), settings=settings)
+            save_png(image, path, metadata)
+            print(path, flush=True)
+            written.append((path, image))
+    return written
+
+
+def _check_samplers(args: argparse.Namespace, upsampler: Optional[str]) -> None:
+    from .pipelines.sampling import get_sampler
+
+    get_sampler(args.sampler)
+    if upsampler is not None:
+        get_sampler(args.upsample_sampler)
+
+
+def _check_common_arguments(args: argparse.Namespace) -> None:
+    """The checks that need no model: done first, so bad input fails before anything is loaded."""
+    for name, value in (("-n", args.num_images), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise CommandError(f"{name} must be at least 1, got {value}")
+    if args.seed is not None and args.seed < 0:
+        raise CommandError(f"--seed must not be negative, got {args.seed}")
+    _prepare_out_dir(args.out)
+
+
+def _require_file(path: str, what: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+
+
+def _read_prompts_file(path: str) -> List[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def _parse_box(text: str) -> Tuple[int, int, int, int]:
+    try:
+        x0, y0, x1, y1 = (int(value) for value in text.split(","))
+    except ValueError:
+        raise CommandError(f"--box must be four integers x0,y0,x1,y1, got {text!r}") from None
+    return x0, y0, x1, y1
+
+
+def _prepare_out_dir(path: str) -> None:
+    """Create the output folder and check that files can be written in it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise CommandError(f"output directory {path} is not writable: {exc.strerror or exc}") from None
+
+
+def _distributed_env() -> Tuple[int, int, int]:
+    """(rank, world size, local rank) from the environment torchrun sets; (0, 1, 0) otherwise."""
+    try:
+        return (
+            int(os.environ.get("RANK", "0")),
+            int(os.environ.get("WORLD_SIZE", "1")),
+            int(os.environ.get("LOCAL_RANK", "0")),
+        )
+    except ValueError:
+        raise CommandError("RANK, WORLD_SIZE and LOCAL_RANK must be integers") from None
+
+
+def _random_seed() -> int:
+    import secrets
+
+    return secrets.randbelow(2**31)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""CLIP-guided generation with the noised CLIP (the clip_guided notebook).
+
+The base model runs without classifier-free guidance; every step's mean is shifted along the
+gradient of the CLIP similarity between the noised image and the prompt, scaled by
+``guidance_scale`` (``clip.cond_fn([prompt] * n, guidance_scale)``). Upsampling is the
+text2im notebook's. CLIP reads at most 75 prompt tokens of its own BPE and drops the rest,
+as in the original.
+"""
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ..clip.model_creation import CLIPModel
+from .base import (
+    DiffusionPipeline,
+    Generators,
+    PipelineOutput,
+    Seed,
+    StepCallback,
+    Stream,
+    check_num_images,
+    shape_for,
+    split_prompts,
+)
+from .loading import LoadedModel, Options, load_clip, load_model, pick_device
+from .sampling import get_sampler
+
+
+class CLIPGuidedPipeline(DiffusionPipeline):
+    """GLIDE with CLIP guidance: ``CLIPGuidedPipeline.from_pretrained()("a corgi").images``."""
+
+    def __init__(self, base: LoadedModel, clip: CLIPModel, upsampler: Optional[LoadedModel] = None):
+        super().__init__(base, upsampler)
+        if clip.device != base.device:
+            raise ValueError(f"the CLIP model is on {clip.device} but the base model on {base.device}")
+        self.clip = clip
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str = "base",
+        upsampler: Optional[str] = "upsample",
+        *,
+        clip_image: str = "clip/image-enc",
+        clip_text: str = "clip/text-enc",
+        clip_config: Optional[str] = None,
+        base_options: Optional[Options] = None,
+        upsampler_options: Optional[Options] = None,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[Union[str, torch.dtype]] = None,
+        progress: bool = True,
+    ) -> "CLIPGuidedPipeline":
+        """Load the base model, the upsampler and the noised CLIP (always float32; its YAML
+        config from ``clip_config``, a ``<image checkpoint>.yaml`` sidecar, or the official one)."""
+        device = pick_device(device)
+        loaded_base = load_model(base, base_options, device, dtype, progress)
+        loaded_up = load_model(upsampler, upsampler_options, device, dtype, progress) if upsampler else None
+        clip = load_clip(clip_image, clip_text, clip_config, device, progress)
+        return cls(loaded_base, clip, loaded_up)
+
+    def __call__(
+        self,
+        prompts: Union[str, Sequence[str]],
+        num_images_per_prompt: int = 1,
+        guidance_scale: float = 3.0,
+        steps: Union[str, int] = "100",
+        sampler: str = "ancestral",
+        upsample: Optional[bool] = None,
+        upsample_steps: Union[str, int] = "fast27",
+        upsample_sampler: str = "ddim",
+        upsample_temp: float = 0.997,
+        seed: Optional[Seed] = None,
+        generator: Optional[Generators] = None,
+        callback: Optional[StepCallback] = None,
+        progress: bool = False,
+        return_tensors: bool = False,
+        truncate_prompts: bool = False,
+    ) -> PipelineOutput:
+        """Generate with CLIP guidance of strength ``guidance_scale``; the other parameters are
+        those of ``Text2ImPipeline.__call__`` (``sampler`` must accept a cond_fn: "ancestral" or "ddim")."""
+        prompts = split_prompts(prompts)
+        check_num_images(num_images_per_prompt)
+        self.check_prompts(prompts, truncate_prompts)
+        n = num_images_per_prompt
+        diffusion = self.base.diffusion(steps)
+        base_sampler = get_sampler(sampler)
+        if not base_sampler.supports_cond_fn:
+            raise ValueError(f"sampler {sampler!r} cannot apply CLIP guidance: use 'ancestral' or 'ddim'")
+        upsample, up_diffusion, up_sampler = self._upsample_setup(upsample, upsample_steps, upsample_sampler)
+        total_steps = diffusion.num_timesteps + (up_diffusion.num_timesteps if upsample else 0)
+
+        def run_stream(stream: Stream):
+            samples = base_sampler.run(
+                diffusion,
+                stream.base,
+                shape_for(self.base, n),
+                noise=None,
+                generator=stream.generator,
+                device=self.device,
+                model_kwargs=self.base.text_kwargs([stream.prompt] * n, truncate_prompts),
+                denoised_fn=None,
+                cond_fn=self.clip.cond_fn([stream.prompt] * n, guidance_scale),
+                callback=stream.step_callback(n),
+            )
+            if not upsample:
+                return samples, None
+            return samples, self._upsample_stream(
+                stream, samples, up_diffusion, up_sampler, upsample_temp, truncate_prompts
+            )
+
+        return self._run(prompts, seed, generator, total_steps, callback, progress, run_stream, n, return_tensors)

@@ -1,0 +1,122 @@
+"""Inpainting: regenerate the masked part of an image from a prompt (the inpaint notebook).
+
+The base stage runs the inpainting model at 64×64 with classifier-free guidance, the source
+image and keep-mask as ``inpaint_image`` / ``inpaint_mask`` and a ``denoised_fn`` that pastes
+the kept pixels into every x_0 prediction, so they come out unchanged. The upsampling stage runs
+the inpainting upsampler at 256×256 conditioned the same way, with ``low_res`` = the 64×64 result.
+"""
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ..guidance import ClassifierFreeGuidance, inpaint_denoised_fn
+from .base import (
+    DiffusionPipeline,
+    Generators,
+    PipelineOutput,
+    Seed,
+    StepCallback,
+    Stream,
+    check_num_images,
+    shape_for,
+    split_prompts,
+)
+from .images import ImageLike, image_to_tensor, keep_masks, load_image, load_mask
+from .loading import Options, load_model, pick_device
+from .sampling import get_sampler
+
+
+class InpaintPipeline(DiffusionPipeline):
+    """GLIDE inpainting: ``InpaintPipeline.from_pretrained()("a corgi", image, mask).images``.
+
+    Masks mark the region to REGENERATE (white / 1 / True); black / 0 / False is kept.
+    """
+
+    inpainting = True
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str = "base-inpaint",
+        upsampler: Optional[str] = "upsample-inpaint",
+        *,
+        base_options: Optional[Options] = None,
+        upsampler_options: Optional[Options] = None,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[Union[str, torch.dtype]] = None,
+        progress: bool = True,
+    ) -> "InpaintPipeline":
+        """Load the inpainting base model and upsampler; see ``Text2ImPipeline.from_pretrained``."""
+        device = pick_device(device)
+        loaded_base = load_model(base, base_options, device, dtype, progress)
+        loaded_up = load_model(upsampler, upsampler_options, device, dtype, progress) if upsampler else None
+        return cls(loaded_base, loaded_up)
+
+    def __call__(
+        self,
+        prompts: Union[str, Sequence[str]],
+        image: ImageLike,
+        mask: ImageLike,
+        num_images_per_prompt: int = 1,
+        guidance_scale: float = 5.0,
+        steps: Union[str, int] = "100",
+        sampler: str = "ancestral",
+        upsample: Optional[bool] = None,
+        upsample_steps: Union[str, int] = "fast27",
+        upsample_sampler: str = "ancestral",
+        upsample_temp: float = 0.997,
+        seed: Optional[Seed] = None,
+        generator: Optional[Generators] = None,
+        callback: Optional[StepCallback] = None,
+        progress: bool = False,
+        return_tensors: bool = False,
+        truncate_prompts: bool = False,
+    ) -> PipelineOutput:
+        """Regenerate the masked region of ``image`` for each prompt.
+
+        :param image: path, PIL image, [H x W x 3] array or [3 x H x W] tensor in [-1, 1]; it
+            is resized (bicubic) to 64×64 and 256×256 like the notebook does.
+        :param mask: the region to regenerate (see ``images.load_mask``), of the image's size
+            or any size with its aspect ratio.
+        The other parameters are those of ``Text2ImPipeline.__call__`` (the defaults follow
+        the inpaint notebook: guidance 5, ancestral upsampling).
+        """
+        prompts = split_prompts(prompts)
+        check_num_images(num_images_per_prompt)
+        self.check_prompts(prompts, truncate_prompts)
+        n = num_images_per_prompt
+        source = load_image(image)
+        regenerate = load_mask(mask)
+        up_size = self.upsampler.image_size if self.upsampler is not None else 4 * self.base.image_size
+        keep_64, keep_256 = keep_masks(regenerate, source.size, self.base.image_size, up_size, self.device)
+        image_64 = image_to_tensor(source, self.base.image_size, self.device)
+        diffusion = self.base.diffusion(steps)
+        base_sampler = get_sampler(sampler)
+        upsample, up_diffusion, up_sampler = self._upsample_setup(upsample, upsample_steps, upsample_sampler)
+        image_256 = image_to_tensor(source, up_size, self.device) if upsample else None
+        total_steps = diffusion.num_timesteps + (up_diffusion.num_timesteps if upsample else 0)
+
+        def run_stream(stream: Stream):
+            model_kwargs = self.base.text_kwargs([stream.prompt] * n + [None] * n, truncate_prompts)
+            model_kwargs["inpaint_image"] = (image_64 * keep_64).repeat(2 * n, 1, 1, 1)
+            model_kwargs["inpaint_mask"] = keep_64.repeat(2 * n, 1, 1, 1)
+            samples = base_sampler.run(
+                diffusion,
+                ClassifierFreeGuidance(stream.base, guidance_scale),
+                shape_for(self.base, 2 * n),
+                noise=None,
+                generator=stream.generator,
+                device=self.device,
+                model_kwargs=model_kwargs,
+                denoised_fn=inpaint_denoised_fn(model_kwargs["inpaint_image"], model_kwargs["inpaint_mask"]),
+                cond_fn=None,
+                callback=stream.step_callback(n),
+            )[:n]
+            if not upsample:
+                return samples, None
+            return samples, self._upsample_stream(
+                stream, samples, up_diffusion, up_sampler, upsample_temp, truncate_prompts, (image_256, keep_256)
+            )
+
+        return self._run(prompts, seed, generator, total_steps, callback, progress, run_stream, n, return_tensors)

@@ -1,0 +1,139 @@
+"""Samplers by name, all called the same way by the pipelines.
+
+A sampler runs a whole loop::
+
+    run(diffusion, model, shape, *, noise, generator, device, model_kwargs, denoised_fn,
+        cond_fn, callback) -> final sample [shape]
+
+``noise`` may be None (the sampler draws x_T from ``generator``); ``callback`` receives
+``{"sample", "pred_xstart"}`` after every step. Built in:
+
+- ``"ancestral"``: ``diffusion.p_sample_loop`` (the notebooks' base sampler);
+- ``"ddim"``: ``diffusion.ddim_sample_loop`` with eta = 0 (the text2im notebook's upsampler);
+- the few-step samplers of ``glide_text2im.samplers`` under their names there ("plms",
+  "dpmpp_2m", ...; its deterministic DDIM stays reachable as ``"ddim"`` of that module only,
+  since the name here means the notebooks' loop). They take no ``cond_fn``.
+
+:func:`register_sampler` adds more.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import torch
+
+from .. import samplers as fast_samplers
+from ..gaussian_diffusion import GaussianDiffusion
+
+StepCallback = Callable[[Dict[str, torch.Tensor]], None]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str
+    run: Callable[..., torch.Tensor]
+    supports_cond_fn: bool
+
+
+SAMPLERS: Dict[str, Sampler] = {}
+
+
+def register_sampler(name: str, run: Callable[..., torch.Tensor], supports_cond_fn: bool = False) -> None:
+    """Make ``run`` (see the module docstring for its signature) available as sampler ``name``."""
+    SAMPLERS[name] = Sampler(name, run, supports_cond_fn)
+
+
+def get_sampler(name: str) -> Sampler:
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}: expected one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+def run_ancestral(
+    diffusion: GaussianDiffusion,
+    model: Callable[..., torch.Tensor],
+    shape: Sequence[int],
+    *,
+    noise: Optional[torch.Tensor],
+    generator: torch.Generator,
+    device: torch.device,
+    model_kwargs: Dict[str, Any],
+    denoised_fn: Optional[Callable[[torch.Tensor], torch.Tensor]],
+    cond_fn: Optional[Callable[..., torch.Tensor]],
+    callback: StepCallback,
+) -> torch.Tensor:
+    """``p_sample_loop``, reporting every step."""
+    final = None
+    for final in diffusion.p_sample_loop_progressive(
+        model,
+        shape,
+        noise=noise,
+        clip_denoised=True,
+        denoised_fn=denoised_fn,
+        cond_fn=cond_fn,
+        model_kwargs=model_kwargs,
+        device=device,
+        generator=generator,
+    ):
+        callback(final)
+    return final["sample"]
+
+
+def run_ddim(
+    diffusion: GaussianDiffusion,
+    model: Callable[..., torch.Tensor],
+    shape: Sequence[int],
+    *,
+    noise: Optional[torch.Tensor],
+    generator: torch.Generator,
+    device: torch.device,
+    model_kwargs: Dict[str, Any],
+    denoised_fn: Optional[Callable[[torch.Tensor], torch.Tensor]],
+    cond_fn: Optional[Callable[..., torch.Tensor]],
+    callback: StepCallback,
+) -> torch.Tensor:
+    """``ddim_sample_loop`` with eta = 0, reporting every step."""
+    final = None
+    for final in diffusion.ddim_sample_loop_progressive(
+        model,
+        shape,
+        noise=noise,
+        clip_denoised=True,
+        denoised_fn=denoised_fn,
+        cond_fn=cond_fn,
+        model_kwargs=model_kwargs,
+        device=device,
+        eta=0.0,
+        generator=generator,
+    ):
+        callback(final)
+    return final["sample"]
+
+
+def fast_sampler(sample_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Adapt a ``glide_text2im.samplers`` function (all of the diffusion's timesteps, no cond_fn)."""
+
+    def run(diffusion, model, shape, *, noise, generator, device, model_kwargs, denoised_fn, cond_fn, callback):
+        if cond_fn is not None:
+            raise ValueError(f"{sample_fn.__name__} takes no cond_fn: use the 'ancestral' or 'ddim' sampler")
+        return sample_fn(
+            model,
+            diffusion,
+            shape,
+            noise=noise,
+            model_kwargs=model_kwargs,
+            denoised_fn=denoised_fn,
+            clip_denoised=True,
+            device=device,
+            callback=lambda step: callback({"sample": step["x"], "pred_xstart": step["pred_xstart"]}),
+            generator=generator,
+        )
+
+    return run
+
+
+register_sampler("ancestral", run_ancestral, supports_cond_fn=True)
+register_sampler("ddim", run_ddim, supports_cond_fn=True)
+for _name, _sample_fn in fast_samplers.SAMPLERS.items():
+    if _name not in SAMPLERS:
+        register_sampler(_name, fast_sampler(_sample_fn))

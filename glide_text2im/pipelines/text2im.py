@@ -1,0 +1,108 @@
+"""Text to image: classifier-free-guided base model, then the upsampler (the text2im notebook)."""
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ..guidance import ClassifierFreeGuidance
+from .base import (
+    DiffusionPipeline,
+    Generators,
+    PipelineOutput,
+    Seed,
+    StepCallback,
+    Stream,
+    check_num_images,
+    shape_for,
+    split_prompts,
+)
+from .loading import Options, load_model, pick_device
+from .sampling import get_sampler
+
+
+class Text2ImPipeline(DiffusionPipeline):
+    """GLIDE text-to-image: ``Text2ImPipeline.from_pretrained()(["a corgi", "a red cube"]).images``."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str = "base",
+        upsampler: Optional[str] = "upsample",
+        *,
+        base_options: Optional[Options] = None,
+        upsampler_options: Optional[Options] = None,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[Union[str, torch.dtype]] = None,
+        progress: bool = True,
+    ) -> "Text2ImPipeline":
+        """Load the base model and (unless ``upsampler`` is None) the upsampler.
+
+        Checkpoints are official names (downloaded on first use), registered names or ``.pt``
+        files (options from ``*_options`` or their ``.json`` sidecar). ``device`` defaults to
+        CUDA, then MPS, then CPU; ``dtype`` to float16 on CUDA and float32 elsewhere.
+        """
+        device = pick_device(device)
+        loaded_base = load_model(base, base_options, device, dtype, progress)
+        loaded_up = load_model(upsampler, upsampler_options, device, dtype, progress) if upsampler else None
+        return cls(loaded_base, loaded_up)
+
+    def __call__(
+        self,
+        prompts: Union[str, Sequence[str]],
+        num_images_per_prompt: int = 1,
+        guidance_scale: float = 3.0,
+        steps: Union[str, int] = "100",
+        sampler: str = "ancestral",
+        upsample: Optional[bool] = None,
+        upsample_steps: Union[str, int] = "fast27",
+        upsample_sampler: str = "ddim",
+        upsample_temp: float = 0.997,
+        seed: Optional[Seed] = None,
+        generator: Optional[Generators] = None,
+        callback: Optional[StepCallback] = None,
+        progress: bool = False,
+        return_tensors: bool = False,
+        truncate_prompts: bool = False,
+    ) -> PipelineOutput:
+        """Generate ``num_images_per_prompt`` images for each prompt.
+
+        :param steps: the base model's timestep respacing ("100", "ddim25", "fast27", or an int).
+        :param sampler: a name of ``pipelines.sampling.SAMPLERS`` ("ancestral", "ddim", ...).
+        :param upsample: run the upsampler (default: when the pipeline has one).
+        :param upsample_temp: scale of the upsampler's start noise.
+        :param seed: prompt k uses a generator seeded with ``seed + k`` (or ``seed[k]`` for a list).
+        :param generator: instead of ``seed``, one ``torch.Generator`` per prompt.
+        :param callback: ``callback(step, total_steps, sample, pred_xstart)`` after every step.
+        :param truncate_prompts: cut prompts longer than the text context, as the original
+            notebooks do silently; by default they raise :class:`PromptTooLongError`.
+        """
+        prompts = split_prompts(prompts)
+        check_num_images(num_images_per_prompt)
+        self.check_prompts(prompts, truncate_prompts)
+        n = num_images_per_prompt
+        diffusion = self.base.diffusion(steps)
+        base_sampler = get_sampler(sampler)
+        upsample, up_diffusion, up_sampler = self._upsample_setup(upsample, upsample_steps, upsample_sampler)
+        total_steps = diffusion.num_timesteps + (up_diffusion.num_timesteps if upsample else 0)
+
+        def run_stream(stream: Stream):
+            model_kwargs = self.base.text_kwargs([stream.prompt] * n + [None] * n, truncate_prompts)
+            samples = base_sampler.run(
+                diffusion,
+                ClassifierFreeGuidance(stream.base, guidance_scale),
+                shape_for(self.base, 2 * n),
+                noise=None,
+                generator=stream.generator,
+                device=self.device,
+                model_kwargs=model_kwargs,
+                denoised_fn=None,
+                cond_fn=None,
+                callback=stream.step_callback(n),
+            )[:n]
+            if not upsample:
+                return samples, None
+            return samples, self._upsample_stream(
+                stream, samples, up_diffusion, up_sampler, upsample_temp, truncate_prompts
+            )
+
+        return self._run(prompts, seed, generator, total_steps, callback, progress, run_stream, n, return_tensors)

@@ -1,0 +1,334 @@
+"""Few-step samplers for GLIDE's eps-prediction models, written as plain functions.
+
+Every sampler has the same signature and returns a sample [shape] in [-1, 1] (with
+``clip_denoised``)::
+
+    sample_<name>(model, diffusion, shape, steps=None, timesteps=None, noise=None,
+                  model_kwargs=None, denoised_fn=None, clip_denoised=True, device=None,
+                  progress=False, callback=None, generator=None)
+
+- ``model(x_t, t, **model_kwargs)`` returns [N x 2C x H x W]: eps in the first C channels (the
+  variance values in the other C are not used). ``t`` [N] int64 holds ORIGINAL timesteps
+  (0 .. 999), so a GLIDE U-Net, a classifier-free-guidance ``model_fn``, an inpainting or an
+  upsampler model (``low_res`` in ``model_kwargs``) all plug in unchanged.
+- ``diffusion`` supplies the schedule only: its ``alphas_cumprod`` at its timesteps (the
+  original ones in ``timestep_map`` for a respaced diffusion). Its sampling loops are not used.
+- The model is evaluated at ``timesteps`` (original timesteps, strictly decreasing) or else at
+  ``get_timesteps(diffusion, steps)`` (``steps`` of them on the default grid; ``None``: every
+  timestep of the diffusion): one network evaluation per timestep.
+- At every evaluation the predicted x_0 goes through ``denoised_fn`` (e.g. pasting in the known
+  part of an image for inpainting) and then the clamp to [-1, 1] (``clip_denoised``), as in
+  ``GaussianDiffusion.p_mean_variance``. The result is that x_0 prediction at the last timestep.
+- ``noise`` is x_T [shape] (default: a normal draw from ``generator`` or the global RNG; the
+  samplers draw nothing else). ``callback({"i", "t", "x", "pred_xstart"})`` runs after every
+  evaluation.
+
+Notation: ``alpha_t = sqrt(alphas_cumprod_t)``, ``sigma_t = sqrt(1 - alphas_cumprod_t)``, so
+``x_t = alpha_t x_0 + sigma_t eps``, and the log signal-to-noise ratio
+``lambda_t = log(alpha_t / sigma_t)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .gaussian_diffusion import GaussianDiffusion
+
+# model(x_t [N x C x ...], t [N] int64 original timesteps, **model_kwargs) -> [N x 2C x ...]
+Model = Callable[..., torch.Tensor]
+DenoisedFn = Callable[[torch.Tensor], torch.Tensor]
+Callback = Callable[[Dict[str, Any]], None]
+
+# Adams-Bashforth weights of orders 1..4 for eps_i, eps_{i-1}, ... (newest first).
+ADAMS_BASHFORTH = (
+    (1.0,),
+    (3 / 2, -1 / 2),
+    (23 / 12, -16 / 12, 5 / 12),
+    (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+)
+SPACINGS = ("quadratic", "time", "logsnr")
+
+
+def get_timesteps(diffusion: GaussianDiffusion, steps: Optional[int] = None, spacing: str = "quadratic") -> List[int]:
+    """Original timesteps to evaluate the model at, strictly decreasing from the diffusion's last
+    timestep (999 for the full chain) to its first (0).
+
+    ``steps`` of the diffusion's K timesteps (``None``: all of them). With ``u_k = 1 - k / (steps - 1)``
+    the k-th step takes index (into the diffusion's timesteps; = t for the full chain):
+    - "quadratic": ``(K - 1) u_k^2``, DPM-Solver's "time_quadratic" grid (the default): even
+      steps in sqrt(t), so more of them near t = 0, where the fine detail is made;
+    - "time": ``(K - 1) u_k``, evenly in t, the grid of the DDIM and PLMS papers;
+    - "logsnr": the index whose lambda_t is nearest to an even grid in lambda, DPM-Solver's
+      suggestion for pixel-space models (with the cosine schedule's capped last beta, many
+      steps land in t > 990, where the image is still pure noise).
+    Indices are rounded and, where rounding makes two equal, moved apart to stay distinct.
+    """
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}: expected one of {SPACINGS}")
+    available = _available_timesteps(diffusion)
+    if steps is None:
+        return available[::-1]
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+    if not 1 <= steps <= len(available):
+        raise ValueError(f"steps must be in 1 .. {len(available)} (the diffusion's timesteps), got {steps}")
+    u = np.linspace(1.0, 0.0, steps)
+    if spacing == "quadratic":
+        targets = np.round((len(available) - 1) * u**2)
+    elif spacing == "time":
+        targets = np.round((len(available) - 1) * u)
+    else:
+        alphas_cumprod = np.asarray(diffusion.alphas_cumprod, dtype=np.float64)
+        lambdas = 0.5 * (np.log(alphas_cumprod) - np.log1p(-alphas_cumprod))
+        grid = lambdas[0] + (lambdas[-1] - lambdas[0]) * u
+        targets = np.abs(lambdas[None, :] - grid[:, None]).argmin(axis=1)
+    positions: List[int] = []
+    for k, target in enumerate(targets.astype(int)):
+        highest = positions[-1] - 1 if positions else len(available) - 1
+        lowest = steps - 1 - k  # one index left for each step still to come
+        positions.append(min(max(int(target), lowest), highest))
+    return [available[p] for p in positions]
+
+
+@torch.no_grad()
+def sample_ddim(
+    model: Model,
+    diffusion: GaussianDiffusion,
+    shape: Sequence[int],
+    steps: Optional[int] = None,
+    timesteps: Optional[Sequence[int]] = None,
+    noise: Optional[torch.Tensor] = None,
+    model_kwargs: Optional[Dict[str, Any]] = None,
+    denoised_fn: Optional[DenoisedFn] = None,
+    clip_denoised: bool = True,
+    device: Optional[Union[torch.device, str]] = None,
+    progress: bool = False,
+    callback: Optional[Callback] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Deterministic DDIM (Song et al. 2020, eq. 12 with eta = 0): the first-order baseline."""
+    x, timesteps, alphas_cumprod = _start(model, diffusion, shape, steps, timesteps, noise, device, generator)
+    last = len(timesteps) - 1
+    for i in _iterate(timesteps, progress):
+        _, pred_xstart = _predict(model, x, timesteps[i], alphas_cumprod[i], model_kwargs, denoised_fn, clip_denoised)
+        _report(callback, i, timesteps[i], x, pred_xstart)
+        if i < last:
+            x = _ddim_step(x, pred_xstart, alphas_cumprod[i], alphas_cumprod[i + 1])
+    return pred_xstart
+
+
+@torch.no_grad()
+def sample_plms(
+    model: Model,
+    diffusion: GaussianDiffusion,
+    shape: Sequence[int],
+    steps: Optional[int] = None,
+    timesteps: Optional[Sequence[int]] = None,
+    noise: Optional[torch.Tensor] = None,
+    model_kwargs: Optional[Dict[str, Any]] = None,
+    denoised_fn: Optional[DenoisedFn] = None,
+    clip_denoised: bool = True,
+    device: Optional[Union[torch.device, str]] = None,
+    progress: bool = False,
+    callback: Optional[Callback] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """PLMS, pseudo linear multistep (Liu et al. 2022, "PNDM"): 4th-order Adams-Bashforth on eps.
+
+    Each step combines the model's last four eps, ``eps' = (55 eps_i - 59 eps_{i-1} +
+    37 eps_{i-2} - 9 eps_{i-3}) / 24``, and moves along the DDIM transfer with eps' (the x_0
+    it implies goes through ``denoised_fn`` and the clamp). Warm-up: the first three steps use
+    the lower Adams-Bashforth orders 1, 2 and 3 (order 1 is plain DDIM), so every step costs one
+    network evaluation; the paper's Runge-Kutta warm-up (and the pseudo improved Euler first
+    step of the latent-diffusion code) would spend extra evaluations instead.
+    """
+    x, timesteps, alphas_cumprod = _start(model, diffusion, shape, steps, timesteps, noise, device, generator)
+    last = len(timesteps) - 1
+    eps_history: List[torch.Tensor] = []
+    for i in _iterate(timesteps, progress):
+        eps, pred_xstart = _predict(model, x, timesteps[i], alphas_cumprod[i], model_kwargs, denoised_fn, clip_denoised)
+        _report(callback, i, timesteps[i], x, pred_xstart)
+        if i < last:
+            eps_history = (eps_history + [eps])[-len(ADAMS_BASHFORTH) :]
+            weights = ADAMS_BASHFORTH[len(eps_history) - 1]
+            eps_prime = sum(w * e for w, e in zip(weights, reversed(eps_history)))
+            xstart_prime = _process_xstart(
+                _xstart_from_eps(x, eps_prime, alphas_cumprod[i]), denoised_fn, clip_denoised
+            )
+            x = _ddim_step(x, xstart_prime, alphas_cumprod[i], alphas_cumprod[i + 1])
+    return pred_xstart
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    model: Model,
+    diffusion: GaussianDiffusion,
+    shape: Sequence[int],
+    steps: Optional[int] = None,
+    timesteps: Optional[Sequence[int]] = None,
+    noise: Optional[torch.Tensor] = None,
+    model_kwargs: Optional[Dict[str, Any]] = None,
+    denoised_fn: Optional[DenoisedFn] = None,
+    clip_denoised: bool = True,
+    device: Optional[Union[torch.device, str]] = None,
+    progress: bool = False,
+    callback: Optional[Callback] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, algorithm 2): second-order multistep on the x_0 prediction in log-SNR time.
+
+    With ``h_i = lambda_{i+1} - lambda_i``, ``r = h_{i-1} / h_i`` and the x_0 predictions D:
+    ``x_{i+1} = (sigma_{i+1} / sigma_i) x_i + alpha_{i+1} (1 - exp(-h_i)) D'`` where
+    ``D' = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}`` (``D' = D_0`` at the first step, which makes it a
+    DDIM step).
+    """
+    x, timesteps, alphas_cumprod = _start(model, diffusion, shape, steps, timesteps, noise, device, generator)
+    alphas = np.sqrt(alphas_cumprod)
+    sigmas = np.sqrt(1.0 - alphas_cumprod)
+    lambdas = np.log(alphas) - np.log(sigmas)
+    last = len(timesteps) - 1
+    previous_xstart = None
+    for i in _iterate(timesteps, progress):
+        _, pred_xstart = _predict(model, x, timesteps[i], alphas_cumprod[i], model_kwargs, denoised_fn, clip_denoised)
+        _report(callback, i, timesteps[i], x, pred_xstart)
+        if i < last:
+            h = float(lambdas[i + 1] - lambdas[i])
+            if previous_xstart is None:
+                denoised = pred_xstart
+            else:
+                r = float(lambdas[i] - lambdas[i - 1]) / h
+                denoised = pred_xstart + (1 / (2 * r)) * (pred_xstart - previous_xstart)
+            x = float(sigmas[i + 1] / sigmas[i]) * x + float(-alphas[i + 1] * math.expm1(-h)) * denoised
+            previous_xstart = pred_xstart
+    return pred_xstart
+
+
+SAMPLERS: Dict[str, Callable[..., torch.Tensor]] = {
+    "ddim": sample_ddim,
+    "plms": sample_plms,
+    "dpmpp_2m": sample_dpmpp_2m,
+}
+
+
+# ---------------------------------------------------------------------- shared steps
+
+
+def _available_timesteps(diffusion: GaussianDiffusion) -> List[int]:
+    """The original timesteps whose alphas_cumprod the diffusion knows, increasing."""
+    return [int(t) for t in getattr(diffusion, "timestep_map", range(diffusion.num_timesteps))]
+
+
+def _start(
+    model: Model,
+    diffusion: GaussianDiffusion,
+    shape: Sequence[int],
+    steps: Optional[int],
+    timesteps: Optional[Sequence[int]],
+    noise: Optional[torch.Tensor],
+    device: Optional[Union[torch.device, str]],
+    generator: Optional[torch.Generator],
+) -> Tuple[torch.Tensor, List[int], np.ndarray]:
+    """x_T, the timesteps to evaluate and their float64 alphas_cumprod."""
+    if steps is not None and timesteps is not None:
+        raise ValueError("pass either steps or timesteps, not both")
+    available = _available_timesteps(diffusion)
+    if timesteps is None:
+        timesteps = get_timesteps(diffusion, steps)
+    else:
+        timesteps = _check_timesteps(timesteps, available)
+    index = {t: i for i, t in enumerate(available)}
+    alphas_cumprod = np.array([diffusion.alphas_cumprod[index[t]] for t in timesteps], dtype=np.float64)
+    return _start_image(model, shape, noise, device, generator), timesteps, alphas_cumprod
+
+
+def _check_timesteps(timesteps: Sequence[int], available: List[int]) -> List[int]:
+    timesteps = [int(t) for t in timesteps]
+    if not timesteps:
+        raise ValueError("timesteps is empty")
+    if any(a <= b for a, b in zip(timesteps, timesteps[1:])):
+        raise ValueError(f"timesteps must be strictly decreasing, got {timesteps}")
+    unknown = sorted(set(timesteps) - set(available))
+    if unknown:
+        raise ValueError(
+            f"timesteps {unknown} are not timesteps of this diffusion "
+            f"({len(available)} steps from {available[0]} to {available[-1]})"
+        )
+    return timesteps
+
+
+def _start_image(
+    model: Model,
+    shape: Sequence[int],
+    noise: Optional[torch.Tensor],
+    device: Optional[Union[torch.device, str]],
+    generator: Optional[torch.Generator],
+) -> torch.Tensor:
+    """``noise`` on ``device``, or a normal draw; the device defaults to the noise's, else the model's."""
+    shape = tuple(int(s) for s in shape)
+    if noise is not None:
+        if tuple(noise.shape) != shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
+        return noise if device is None else noise.to(device)
+    if device is None:
+        parameter = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+        device = parameter.device if parameter is not None else torch.device("cpu")
+    return torch.randn(shape, generator=generator, device=device)
+
+
+def _iterate(timesteps: List[int], progress: bool):
+    indices = range(len(timesteps))
+    return tqdm(indices) if progress else indices
+
+
+def _predict(
+    model: Model,
+    x: torch.Tensor,
+    t: int,
+    alpha_cumprod: float,
+    model_kwargs: Optional[Dict[str, Any]],
+    denoised_fn: Optional[DenoisedFn],
+    clip_denoised: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The model's eps at (x, t) and the x_0 it implies after ``denoised_fn`` and the clamp."""
+    t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+    model_output = model(x, t_batch, **(model_kwargs or {}))
+    channels = x.shape[1]
+    expected = (x.shape[0], 2 * channels, *x.shape[2:])
+    if tuple(model_output.shape) != expected:
+        raise ValueError(
+            f"model output has shape {tuple(model_output.shape)}, expected {expected}: "
+            f"eps and variance values for each of the {channels} input channels"
+        )
+    eps = model_output[:, :channels]
+    pred_xstart = _process_xstart(_xstart_from_eps(x, eps, alpha_cumprod), denoised_fn, clip_denoised)
+    return eps, pred_xstart
+
+
+def _xstart_from_eps(x: torch.Tensor, eps: torch.Tensor, alpha_cumprod: float) -> torch.Tensor:
+    """x_0 = sqrt(1 / alphas_cumprod) x_t - sqrt(1 / alphas_cumprod - 1) eps."""
+    return math.sqrt(1.0 / alpha_cumprod) * x - math.sqrt(1.0 / alpha_cumprod - 1.0) * eps
+
+
+def _process_xstart(pred_xstart: torch.Tensor, denoised_fn: Optional[DenoisedFn], clip_denoised: bool) -> torch.Tensor:
+    if denoised_fn is not None:
+        pred_xstart = denoised_fn(pred_xstart)
+    if clip_denoised:
+        pred_xstart = pred_xstart.clamp(-1, 1)
+    return pred_xstart
+
+
+def _ddim_step(x: torch.Tensor, pred_xstart: torch.Tensor, alpha_cumprod: float, alpha_cumprod_next: float) -> torch.Tensor:
+    """x_next = alpha_next x_0 + sigma_next eps, with the eps that maps x_t to this x_0."""
+    eps = (math.sqrt(1.0 / alpha_cumprod) * x - pred_xstart) / math.sqrt(1.0 / alpha_cumprod - 1.0)
+    return math.sqrt(alpha_cumprod_next) * pred_xstart + math.sqrt(1.0 - alpha_cumprod_next) * eps
+
+
+def _report(callback: Optional[Callback], i: int, t: int, x: torch.Tensor, pred_xstart: torch.Tensor) -> None:
+    if callback is not None:
+        callback({"i": i, "t": t, "x": x, "pred_xstart": pred_xstart})

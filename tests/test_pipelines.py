@@ -1,0 +1,628 @@
+"""Pipelines on tiny seeded-random checkpoints: notebook equivalence, seeds, batching, loading, errors.
+
+The tiny U-Nets (64×64 base, 64→256 upsampler with six levels) are saved as ``.pt`` state
+dicts with ``.json`` option sidecars, like trained checkpoints. Every floating weight is
+overwritten from a seeded generator (the zero-initialised output convs too, so nothing is
+trivially zero): norm gains 1 + 0.1·N(0,1), biases 0.05·N(0,1), matrices
+0.3·N(0,1)/sqrt(fan_in). The 0.3 keeps the random nets about as well conditioned as trained
+ones; with unit-variance weights a 1/127.5 change of one ``low_res`` pixel can move upsampled
+pixels by several levels, which would hide what the batching test checks.
+"""
+
+import functools
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from glide_text2im import samplers as fast_samplers
+from glide_text2im.download import LOCAL_CHECKPOINTS, register_checkpoint
+from glide_text2im.model_creation import (
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    model_and_diffusion_defaults_upsampler,
+)
+from glide_text2im.pipelines import (
+    CHECKPOINT_OPTIONS,
+    CLIPGuidedPipeline,
+    InpaintPipeline,
+    LoadedModel,
+    NonFiniteOutputError,
+    PromptTooLongError,
+    Text2ImPipeline,
+    checkpoint_options,
+    load_model,
+    register_checkpoint_options,
+    save_options,
+)
+from glide_text2im.pipelines.images import box_mask, keep_masks, load_image, load_mask, quantize
+from glide_text2im.pipelines.lockstep import BatchedModel, StreamGroup
+from glide_text2im.pipelines.loading import pick_device, pick_dtype
+
+CPU = torch.device("cpu")
+STEPS = "ddim5"  # base: timesteps 0, 200, ..., 800
+UPSAMPLE_STEPS = "ddim2"  # upsampler: timesteps 0, 500
+WEIGHT_SCALE = 0.3
+
+TINY_UNET = dict(
+    num_channels=32,
+    num_res_blocks=1,
+    num_head_channels=16,
+    attention_resolutions="8",
+    text_ctx=16,
+    xf_width=32,
+    xf_layers=1,
+    xf_heads=1,
+    use_fp16=False,
+    tokenizer="byte",
+)
+TINY_BASE = dict(model_and_diffusion_defaults(), image_size=64, channel_mult="1,1,2,2", **TINY_UNET)
+TINY_UPSAMPLER = dict(model_and_diffusion_defaults_upsampler(), channel_mult="1,1,1,1,1,1", **TINY_UNET)
+TINY_CLIP_CONFIG = """\
+logit_scale: 100.0
+beta_schedule: "squaredcos_cap_v2"
+n_timesteps: 1000
+image_size: 64
+patch_size: 8
+n_vocab: 49408
+max_text_len: 77
+n_embd: 16
+n_head_state_text: 8
+n_head_text: 2
+n_xf_blocks_text: 1
+n_head_state_image: 8
+n_head_image: 2
+n_xf_blocks_image: 1
+"""
+
+
+# ---------------------------------------------------------------------- tiny checkpoints
+
+
+def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Overwrite every floating state-dict entry, in order, from one seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    for key, value in model.state_dict().items():
+        if not value.is_floating_point():
+            continue
+        noise = torch.randn(value.shape, generator=generator)
+        if value.ndim >= 2:
+            value.copy_(WEIGHT_SCALE * noise / (value.numel() / value.shape[0]) ** 0.5)
+        elif key.endswith(".weight"):
+            value.copy_(1 + 0.1 * noise)
+        else:
+            value.copy_(0.05 * noise)
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def build_tiny_checkpoints(directory: str) -> dict:
+    """Write the tiny checkpoints (+ sidecars) into ``directory``; returns {name: path}."""
+    paths = {}
+    unets = {
+        "base": TINY_BASE,
+        "upsample": TINY_UPSAMPLER,
+        "base-inpaint": dict(TINY_BASE, inpaint=True),
+        "upsample-inpaint": dict(TINY_UPSAMPLER, inpaint=True),
+    }
+    for seed, (name, options) in enumerate(unets.items()):
+        model, _ = create_model_and_diffusion(**options)
+        path = os.path.join(directory, f"{name}.pt")
+        torch.save(randomize(model, seed).state_dict(), path)
+        save_options(path, options)
+        paths[name] = path
+
+    from glide_text2im.clip.model_creation import create_clip_model
+
+    config = os.path.join(directory, "clip-image.pt.yaml")
+    Path(config).write_text(TINY_CLIP_CONFIG)
+    with torch.random.fork_rng():
+        torch.manual_seed(10)
+        clip = create_clip_model(config_path=config)
+    paths["clip-image"] = os.path.join(directory, "clip-image.pt")
+    paths["clip-text"] = os.path.join(directory, "clip-text.pt")
+    torch.save(clip.image_encoder.state_dict(), paths["clip-image"])
+    torch.save(clip.text_encoder.state_dict(), paths["clip-text"])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict:
+    return build_tiny_checkpoints(str(tmp_path_factory.mktemp("tiny_checkpoints", numbered=False)))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Sample with one intra-op thread: on a shared 2-core machine two threads mostly wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def text2im(tiny) -> Text2ImPipeline:
+    return Text2ImPipeline.from_pretrained(tiny["base"], tiny["upsample"], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def inpaint(tiny) -> InpaintPipeline:
+    return InpaintPipeline.from_pretrained(tiny["base-inpaint"], tiny["upsample-inpaint"], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def clip_guided(tiny) -> CLIPGuidedPipeline:
+    return CLIPGuidedPipeline.from_pretrained(
+        tiny["base"], None, clip_image=tiny["clip-image"], clip_text=tiny["clip-text"], device="cpu"
+    )
+
+
+# ---------------------------------------------------------------------- the notebooks, written out
+
+
+def notebook_models(path: str, timestep_respacing: str):
+    """model, diffusion, options as the notebooks build them (options from the sidecar)."""
+    options = checkpoint_options(path)
+    options["timestep_respacing"] = timestep_respacing
+    model, diffusion = create_model_and_diffusion(**options)
+    model.load_state_dict(torch.load(path, weights_only=True))
+    model.eval()
+    return model, diffusion, options
+
+
+def notebook_tokens(model, options, prompts):
+    tokenizer = model.tokenizer
+    rows = [tokenizer.padded_tokens_and_mask(tokenizer.encode(p) if p else [], options["text_ctx"]) for p in prompts]
+    return dict(
+        tokens=torch.tensor([row[0] for row in rows], device=CPU),
+        mask=torch.tensor([row[1] for row in rows], dtype=torch.bool, device=CPU),
+    )
+
+
+def notebook_model_fn(model, guidance_scale):
+    def model_fn(x_t, ts, **kwargs):
+        half = x_t[: len(x_t) // 2]
+        combined = torch.cat([half, half], dim=0)
+        model_out = model(combined, ts, **kwargs)
+        eps, rest = model_out[:, :3], model_out[:, 3:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + guidance_scale * (cond_eps - uncond_eps)
+        eps = torch.cat([half_eps, half_eps], dim=0)
+        return torch.cat([eps, rest], dim=1)
+
+    return model_fn
+
+
+def notebook_upsample(tiny_path, prompt, samples, generator, loop, denoised_inpaint=None):
+    """The notebooks' upsampling: low_res snapped to uint8 levels, noise * 0.997 drawn after the base loop."""
+    model_up, diffusion_up, options_up = notebook_models(tiny_path, UPSAMPLE_STEPS)
+    batch_size = len(samples)
+    model_kwargs = dict(
+        low_res=((samples + 1) * 127.5).round() / 127.5 - 1,
+        **notebook_tokens(model_up, options_up, [prompt] * batch_size),
+    )
+    denoised_fn = None
+    if denoised_inpaint is not None:
+        source_image_256, source_mask_256 = denoised_inpaint
+        model_kwargs["inpaint_image"] = (source_image_256 * source_mask_256).repeat(batch_size, 1, 1, 1)
+        model_kwargs["inpaint_mask"] = source_mask_256.repeat(batch_size, 1, 1, 1)
+
+        def denoised_fn(x_start):
+            mask = model_kwargs["inpaint_mask"]
+            return x_start * (1 - mask) + model_kwargs["inpaint_image"] * mask
+
+    up_shape = (batch_size, 3, options_up["image_size"], options_up["image_size"])
+    sample_loop = diffusion_up.ddim_sample_loop if loop == "ddim" else diffusion_up.p_sample_loop
+    kwargs = dict(denoised_fn=denoised_fn) if denoised_fn is not None else {}
+    return sample_loop(
+        model_up,
+        up_shape,
+        noise=torch.randn(up_shape, generator=generator, device=CPU) * 0.997,
+        device=CPU,
+        clip_denoised=True,
+        progress=False,
+        model_kwargs=model_kwargs,
+        cond_fn=None,
+        generator=generator,
+        **kwargs,
+    )[:batch_size]
+
+
+def notebook_read_image(image: Image.Image, size: int) -> torch.Tensor:
+    pil_img = image.resize((size, size), resample=Image.BICUBIC)
+    return torch.from_numpy(np.array(pil_img))[None].permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def test_text2im_equals_the_notebook_loop_bit_for_bit(tiny, text2im):
+    prompt, batch_size, guidance_scale, seed = "a red cube", 2, 3.0, 7
+    out = text2im(
+        prompt, num_images_per_prompt=batch_size, guidance_scale=guidance_scale, steps=STEPS,
+        upsample_steps=UPSAMPLE_STEPS, seed=seed, return_tensors=True,
+    )
+
+    generator = torch.Generator().manual_seed(seed)
+    model, diffusion, options = notebook_models(tiny["base"], STEPS)
+    model_kwargs = notebook_tokens(model, options, [prompt] * batch_size + [""] * batch_size)
+    samples = diffusion.p_sample_loop(
+        notebook_model_fn(model, guidance_scale), (2 * batch_size, 3, 64, 64), device=CPU, clip_denoised=True,
+        progress=False, model_kwargs=model_kwargs, cond_fn=None, generator=generator,
+    )[:batch_size]
+    up_samples = notebook_upsample(tiny["upsample"], prompt, samples, generator, loop="ddim")
+
+    assert torch.equal(out.samples_64, samples)
+    assert torch.equal(out.samples_256, up_samples)
+    assert [image.size for image in out.images] == [(256, 256)] * 2
+    assert np.array_equal(np.stack([np.array(image) for image in out.images]), quantize(up_samples).numpy())
+    assert np.array_equal(np.array(out.images_64[1]), quantize(samples)[1].numpy())
+    assert out.prompts == [prompt, prompt] and out.seeds == [seed, seed]
+
+
+def test_inpaint_equals_the_notebook_loop_and_keeps_the_unmasked_area(tiny, inpaint):
+    prompt, batch_size, guidance_scale, seed = "a corgi", 1, 5.0, 3
+    source = Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8))
+    mask = np.zeros((96, 96), dtype=bool)
+    mask[30:, :] = True  # regenerate from row 30 of 96 = row 20 of 64
+    out = inpaint(
+        prompt, source, mask, num_images_per_prompt=batch_size, guidance_scale=guidance_scale, steps=STEPS,
+        upsample_steps=UPSAMPLE_STEPS, seed=seed, return_tensors=True,
+    )
+
+    generator = torch.Generator().manual_seed(seed)
+    source_image_64, source_image_256 = notebook_read_image(source, 64), notebook_read_image(source, 256)
+    source_mask_64 = torch.ones_like(source_image_64)[:, :1]
+    source_mask_64[:, :, 20:] = 0
+    source_mask_256 = torch.nn.functional.interpolate(source_mask_64, (256, 256), mode="nearest")
+    model, diffusion, options = notebook_models(tiny["base-inpaint"], STEPS)
+    full_batch_size = 2 * batch_size
+    model_kwargs = dict(
+        **notebook_tokens(model, options, [prompt] * batch_size + [""] * batch_size),
+        inpaint_image=(source_image_64 * source_mask_64).repeat(full_batch_size, 1, 1, 1),
+        inpaint_mask=source_mask_64.repeat(full_batch_size, 1, 1, 1),
+    )
+
+    def denoised_fn(x_start):
+        mask = model_kwargs["inpaint_mask"]
+        return x_start * (1 - mask) + model_kwargs["inpaint_image"] * mask
+
+    samples = diffusion.p_sample_loop(
+        notebook_model_fn(model, guidance_scale), (full_batch_size, 3, 64, 64), device=CPU, clip_denoised=True,
+        progress=False, model_kwargs=model_kwargs, cond_fn=None, denoised_fn=denoised_fn, generator=generator,
+    )[:batch_size]
+    up_samples = notebook_upsample(
+        tiny["upsample-inpaint"], prompt, samples, generator, loop="ancestral",
+        denoised_inpaint=(source_image_256, source_mask_256),
+    )
+
+    assert torch.equal(out.samples_64, samples)
+    assert torch.equal(out.samples_256, up_samples)
+    assert torch.equal(out.samples_64[:, :, :20], source_image_64[:, :, :20])  # kept exactly
+    assert not torch.equal(out.samples_64[:, :, 20:], source_image_64[:, :, 20:])
+    kept_pixels = np.array(out.images_64[0])[:20]
+    assert np.array_equal(kept_pixels, np.array(source.resize((64, 64), resample=Image.BICUBIC))[:20])
+
+
+def test_clip_guided_equals_the_notebook_loop_bit_for_bit(tiny, clip_guided):
+    prompt, batch_size, guidance_scale, seed = "a corgi", 2, 3.0, 11
+    out = clip_guided(
+        prompt, num_images_per_prompt=batch_size, guidance_scale=guidance_scale, steps=STEPS, seed=seed,
+        return_tensors=True,
+    )
+    assert out.images_256 is None and out.images == out.images_64
+
+    generator = torch.Generator().manual_seed(seed)
+    model, diffusion, options = notebook_models(tiny["base"], STEPS)
+    cond_fn = clip_guided.clip.cond_fn([prompt] * batch_size, guidance_scale)
+    samples = diffusion.p_sample_loop(
+        model, (batch_size, 3, 64, 64), device=CPU, clip_denoised=True, progress=False,
+        model_kwargs=notebook_tokens(model, options, [prompt] * batch_size), cond_fn=cond_fn, generator=generator,
+    )
+    assert torch.equal(out.samples_64, samples)
+    unguided = diffusion.p_sample_loop(
+        model, (batch_size, 3, 64, 64), device=CPU, model_kwargs=notebook_tokens(model, options, [prompt] * batch_size),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    assert (unguided - samples).abs().max() > 0.01  # the CLIP gradient matters
+
+
+def test_batched_prompts_match_one_by_one_with_the_same_per_prompt_seeds(text2im):
+    prompts = ["a red cube", "a blue ball"]
+    kwargs = dict(steps=STEPS, upsample_steps=UPSAMPLE_STEPS)
+    batched = text2im(prompts, seed=20, **kwargs)
+    alone = [text2im(prompts[0], seed=20, **kwargs), text2im(prompts[1], seed=21, **kwargs)]
+    assert batched.seeds == [20, 21]
+    for k in range(2):
+        for stage in ("images_64", "images_256"):
+            got = np.array(getattr(batched, stage)[k], dtype=int)
+            want = np.array(getattr(alone[k], stage)[0], dtype=int)
+            assert np.abs(got - want).max() <= 1, (k, stage)
+    swapped = np.array(text2im(prompts[1], seed=20, steps=STEPS, upsample=False).images_64[0], dtype=int)
+    assert np.abs(swapped - np.array(batched.images_64[1], dtype=int)).max() > 50
+
+
+def test_generator_argument_equals_seed_and_the_global_rng_is_untouched(text2im):
+    torch.manual_seed(123)
+    expected_next = torch.randn(3)
+    torch.manual_seed(123)
+    by_seed = text2im(["a", "b"], seed=[5, 9], steps=STEPS, upsample=False, return_tensors=True)
+    generators = [torch.Generator().manual_seed(5), torch.Generator().manual_seed(9)]
+    by_generator = text2im(["a", "b"], generator=generators, steps=STEPS, upsample=False, return_tensors=True)
+    assert torch.equal(torch.randn(3), expected_next)
+    assert torch.equal(by_seed.samples_64, by_generator.samples_64)
+    assert by_generator.seeds == [None, None]
+    other = text2im(["a", "b"], seed=[6, 9], steps=STEPS, upsample=False, return_tensors=True)
+    assert not torch.equal(other.samples_64[0], by_seed.samples_64[0])
+    assert torch.equal(other.samples_64[1], by_seed.samples_64[1])
+
+
+def test_callback_sees_every_step_of_both_stages(text2im):
+    calls = []
+
+    def callback(step, total, sample, pred_xstart):
+        calls.append((step, total, tuple(sample.shape), tuple(pred_xstart.shape), sample.clone()))
+
+    out = text2im(
+        ["a", "b"], steps=STEPS, upsample_steps=UPSAMPLE_STEPS, seed=0, callback=callback, return_tensors=True
+    )
+    assert [c[0] for c in calls] == list(range(7)) and {c[1] for c in calls} == {7}
+    assert [c[2] for c in calls] == [(2, 3, 64, 64)] * 5 + [(2, 3, 256, 256)] * 2
+    assert calls[4][3] == (2, 3, 64, 64)
+    assert torch.equal(calls[4][4], out.samples_64)
+    assert torch.equal(calls[6][4], out.samples_256)
+
+
+@pytest.mark.parametrize("name", ["plms", "dpmpp_2m"])
+def test_fast_samplers_plug_in_by_name(tiny, text2im, name):
+    out = text2im("a cube", steps="ddim4", sampler=name, upsample=False, seed=4, return_tensors=True)
+    model, diffusion, options = notebook_models(tiny["base"], "ddim4")
+    expected = fast_samplers.SAMPLERS[name](
+        notebook_model_fn(model, 3.0), diffusion, (2, 3, 64, 64),
+        model_kwargs=notebook_tokens(model, options, ["a cube", ""]), device=CPU,
+        generator=torch.Generator().manual_seed(4),
+    )[:1]
+    assert torch.equal(out.samples_64, expected)
+
+
+def test_unknown_sampler_and_guided_sampler_errors(text2im, clip_guided):
+    with pytest.raises(ValueError, match="unknown sampler 'euler'.*ancestral"):
+        text2im("a", sampler="euler", steps=STEPS, upsample=False)
+    with pytest.raises(ValueError, match="cannot apply CLIP guidance"):
+        clip_guided("a", sampler="plms", steps=STEPS)
+
+
+def test_prompt_longer_than_the_context_raises_unless_truncation_is_asked(text2im):
+    long_prompt = "a very long prompt indeed"  # 25 bytes > text_ctx 16
+    with pytest.raises(PromptTooLongError, match="25 tokens but the model reads at most 16"):
+        text2im(long_prompt, steps=STEPS, upsample=False, seed=0)
+    truncated = text2im(long_prompt, steps=STEPS, upsample=False, seed=0, truncate_prompts=True, return_tensors=True)
+    cut = text2im(long_prompt[:16], steps=STEPS, upsample=False, seed=0, return_tensors=True)
+    assert torch.equal(truncated.samples_64, cut.samples_64)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(seed=1, generator=torch.Generator()), "not both"),
+        (dict(generator=torch.Generator()), "one torch.Generator per prompt"),
+        (dict(seed=[1]), "one seed per prompt"),
+        (dict(seed=-1), r"seeds must be integers in \[0, 2\*\*63 - 1\]"),
+        (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+        (dict(steps="fast"), "invalid timestep respacing"),
+    ],
+)
+def test_bad_call_arguments_raise_value_errors(text2im, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        text2im(["a", "b"], **dict(dict(steps=STEPS, upsample=False), **kwargs))
+
+
+def test_upsample_without_an_upsampler_is_an_error(clip_guided):
+    with pytest.raises(ValueError, match="no upsampler"):
+        clip_guided("a", upsample=True, steps=STEPS)
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def test_options_come_from_argument_registry_or_sidecar(tiny, tmp_path):
+    assert checkpoint_options(tiny["base"]) == TINY_BASE
+    assert checkpoint_options("base") == model_and_diffusion_defaults()
+    assert checkpoint_options("upsample-inpaint")["inpaint"] is True
+    assert checkpoint_options("anything", options=TINY_UPSAMPLER) == TINY_UPSAMPLER
+
+    bare = tmp_path / "bare.pt"
+    bare.write_bytes(Path(tiny["base"]).read_bytes())
+    with pytest.raises(ValueError, match=r"pass options= or write them as JSON to .*bare\.pt\.json"):
+        checkpoint_options(str(bare))
+    (tmp_path / "bare.pt.json").write_text('{"image_size": 64, "num_chanels": 3}')
+    with pytest.raises(ValueError, match=r"unknown keys \['num_chanels'\], missing keys \['attention_resolutions'"):
+        checkpoint_options(str(bare))
+    with pytest.raises(ValueError, match="unknown checkpoint 'no-such-model'"):
+        checkpoint_options("no-such-model")
+
+
+def test_registered_names_load_like_the_demo_model_will(tiny):
+    name = "test/tiny-base"
+    register_checkpoint(name, lambda: tiny["base"])
+    try:
+        assert checkpoint_options(name) == TINY_BASE  # from the sidecar of the resolved file
+        register_checkpoint_options(name, dict(TINY_BASE, dropout=0.0))
+        loaded = load_model(name, device="cpu")
+        assert loaded.options["dropout"] == 0.0 and loaded.name == name
+        assert not loaded.model.training
+    finally:
+        LOCAL_CHECKPOINTS.pop(name, None)
+        CHECKPOINT_OPTIONS.pop(name, None)
+    with pytest.raises(ValueError, match="official checkpoint"):
+        register_checkpoint_options("base", TINY_BASE)
+
+
+def test_pipelines_check_the_kind_of_model(tiny):
+    base = load_model(tiny["base"], device="cpu")
+    inpaint_base = load_model(tiny["base-inpaint"], device="cpu")
+    with pytest.raises(ValueError, match="base model must be a text-to-image base model, but .* is an inpainting"):
+        Text2ImPipeline(inpaint_base)
+    with pytest.raises(ValueError, match="the upsampler must be an inpainting upsampler"):
+        InpaintPipeline(inpaint_base, load_model(tiny["upsample"], device="cpu"))
+    with pytest.raises(ValueError, match="the upsampler must be an upsampler"):
+        Text2ImPipeline(base, base)
+
+
+def test_precision_casts_the_torso_and_text_linears_only(tiny):
+    loaded = load_model(tiny["upsample"], device="cpu", dtype="bfloat16")
+    model = loaded.model
+    assert model.dtype == torch.bfloat16
+    assert model.input_blocks[0][0].weight.dtype == torch.bfloat16
+    assert model.transformer_proj.weight.dtype == torch.bfloat16
+    assert model.out[0].weight.dtype == torch.float32  # the output norm stays float32
+    assert model.positional_embedding.dtype == torch.float32
+    assert load_model(tiny["base"], device="cpu").model.dtype == torch.float32
+
+
+def test_device_and_dtype_defaults():
+    assert pick_device(None) == pick_device("auto") == (
+        torch.device("cuda") if torch.cuda.is_available() else
+        torch.device("mps") if torch.backends.mps.is_available() else CPU
+    )
+    assert pick_device("cpu") == CPU
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        pick_device("gpu0")
+    assert pick_dtype(None, CPU) == torch.float32
+    assert pick_dtype(None, torch.device("cuda")) == torch.float16
+    assert pick_dtype("bf16", CPU) == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        pick_dtype("float8", CPU)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            pick_device("cuda")
+
+
+def micro_base(dtype: str) -> LoadedModel:
+    """A 16×16 two-level base model: fast enough to sample in float16 on a CPU."""
+    options = dict(TINY_BASE, image_size=16, channel_mult="1,1")
+    model, _ = create_model_and_diffusion(**options)
+    randomize(model, 0).eval()
+    loaded = LoadedModel(model, options, name="micro")
+    from glide_text2im.pipelines.loading import set_precision
+
+    set_precision(model, pick_dtype(dtype, CPU))
+    return loaded
+
+
+def test_half_precision_overflow_is_reported_with_advice():
+    loaded = micro_base("float16")
+    pipe = Text2ImPipeline(loaded)
+    assert torch.isfinite(pipe("a", steps="ddim2", seed=0, return_tensors=True).samples_64).all()
+    loaded.model.input_blocks[0][0].weight.data *= 1e5  # activations beyond float16's 65504
+    with pytest.raises(NonFiniteOutputError, match="NaN or infinite values in float16.*float32 or bfloat16"):
+        pipe("a", steps="ddim2", seed=0)
+
+
+def test_non_finite_float32_outputs_are_reported_too():
+    loaded = micro_base("float32")
+    loaded.model.out[2].bias.data.fill_(float("nan"))
+    with pytest.raises(NonFiniteOutputError, match="in float32: check the checkpoint"):
+        Text2ImPipeline(loaded)("a", steps="ddim2", seed=0)
+
+
+# ---------------------------------------------------------------------- images and masks
+
+
+def test_masks_of_every_form_give_the_same_keep_masks():
+    regenerate = np.zeros((32, 48), dtype=np.float32)
+    regenerate[8:, 12:30] = 1.0
+    forms = [
+        regenerate,
+        regenerate.astype(bool),
+        (regenerate * 255).astype(np.uint8),
+        torch.from_numpy(regenerate)[None, None],
+        Image.fromarray((regenerate * 255).astype(np.uint8)),
+        box_mask((12, 8, 30, 32), (48, 32)),
+    ]
+    reference = keep_masks(load_mask(forms[0]), (96, 64), 64, 256, CPU)
+    for form in forms[1:]:
+        got = keep_masks(load_mask(form), (96, 64), 64, 256, CPU)
+        assert torch.equal(got[0], reference[0]) and torch.equal(got[1], reference[1])
+    keep_64, keep_256 = reference
+    assert keep_64.shape == (1, 1, 64, 64) and keep_256.shape == (1, 1, 256, 256)
+    assert keep_64[0, 0, :15].eq(1).all() and keep_64[0, 0, 17:, 17:39].eq(0).all()
+    assert torch.equal(keep_256, keep_64.repeat_interleave(4, 2).repeat_interleave(4, 3))
+
+
+def test_mask_with_another_aspect_ratio_cannot_be_mapped():
+    keep_64, _ = keep_masks(np.ones((250, 333), dtype=np.float32), (1000, 750), 64, 256, CPU)  # within 1%
+    assert keep_64.eq(0).all()
+    with pytest.raises(ValueError, match="the 50x32 mask cannot be mapped onto the 96x64 image"):
+        keep_masks(np.zeros((32, 50), dtype=np.float32), (96, 64), 64, 256, CPU)
+    with pytest.raises(ValueError, match="single-channel"):
+        load_mask(np.zeros((4, 4, 3)))
+    with pytest.raises(ValueError, match="outside the 48x32 image"):
+        box_mask((0, 0, 49, 10), (48, 32))
+
+
+def test_images_of_every_form_load_to_the_same_pixels(tmp_path):
+    pixels = np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "source.png")
+    tensor = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1
+    for form in (pixels, Image.fromarray(pixels), str(tmp_path / "source.png"), tensor, tensor[None], pixels / 255.0):
+        assert np.array_equal(np.array(load_image(form)), pixels)
+    with pytest.raises(FileNotFoundError, match="image file not found"):
+        load_image(str(tmp_path / "missing.png"))
+
+
+# ---------------------------------------------------------------------- lockstep streams
+
+
+def test_streams_meet_at_every_call_and_get_their_own_rows_back():
+    group = StreamGroup(3)
+    calls = []
+
+    def model(x, t, scale):
+        calls.append(len(x))
+        return torch.cat([x * scale.view(-1, 1, 1, 1)] * 2, dim=1)
+
+    batched = BatchedModel(model, group, torch.float32)
+
+    def stream(k):
+        x = torch.full((k + 1, 3, 2, 2), float(k))
+        scale = torch.full((k + 1,), 10.0 ** k)
+        return [batched(x, torch.zeros(k + 1), scale=scale) for _ in range(2)]
+
+    results = group.run(stream)
+    assert calls == [6, 6]
+    for k, outs in enumerate(results):
+        assert all(torch.equal(out, torch.full((k + 1, 6, 2, 2), k * 10.0**k)) for out in outs)
+
+
+def test_a_failing_stream_stops_the_others_and_its_error_is_raised():
+    group = StreamGroup(3)
+    meeting = group.rendezvous(lambda payloads: payloads)
+
+    def stream(k):
+        if k == 1:
+            raise KeyError("stream 1 broke")
+        return [meeting(k) for _ in range(3)]
+
+    finished = []
+    runner = threading.Thread(target=lambda: finished.append(pytest.raises(KeyError, group.run, stream)))
+    runner.start()
+    runner.join(timeout=20)
+    assert finished and "stream 1 broke" in str(finished[0].value)
+
+
+def test_importing_the_package_stays_light_and_reexports_lazily():
+    code = "import sys, glide_text2im; print('torch' in sys.modules, 'Text2ImPipeline' in dir(glide_text2im))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True"]
+
+    import glide_text2im
+
+    assert glide_text2im.Text2ImPipeline is Text2ImPipeline
+    assert glide_text2im.InpaintPipeline is InpaintPipeline and glide_text2im.CLIPGuidedPipeline is CLIPGuidedPipeline
+    with pytest.raises(AttributeError, match="no attribute 'Text2Im'"):
+        glide_text2im.Text2Im
