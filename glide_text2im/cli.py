@@ -5,6 +5,12 @@
     glide-text2im inpaint "a cat" --image photo.png --box 10,10,120,90
     glide-text2im clip-guided "an oil painting of a corgi"
     glide-text2im download
+    glide-text2im generate --demo "a blue triangle on a white background"
+
+``--demo`` swaps the official checkpoints for the small demo models shipped inside the
+package (``demo/base``, ``demo/upsample``, ``demo/base-inpaint``, ``demo/clip/...``): no
+download, seconds on a CPU, but they only know coloured shapes. Checkpoints named explicitly
+still win.
 
 Images are written as ``<prompt index>-<image index>.png`` with the prompt, its seed and the
 settings as PNG text chunks; the written paths are printed, one per line. Bad input ends the
@@ -67,15 +73,23 @@ def add_inpaint_command(subparsers: Any) -> None:
 def add_clip_guided_command(subparsers: Any) -> None:
     parser = subparsers.add_parser("clip-guided", help="text to image guided by the noised CLIP")
     parser.add_argument("prompts", nargs="+", help="prompts")
-    parser.add_argument("--clip-image-checkpoint", default="clip/image-enc", help="noised CLIP image encoder")
-    parser.add_argument("--clip-text-checkpoint", default="clip/text-enc", help="CLIP text encoder")
+    parser.add_argument("--clip-image-checkpoint", help="noised CLIP image encoder (default clip/image-enc)")
+    parser.add_argument("--clip-text-checkpoint", help="CLIP text encoder (default clip/text-enc)")
     parser.add_argument(
         "--clip-config", help="CLIP YAML config (default: sidecar <image checkpoint>.yaml, else the official one)"
     )
     _add_model_arguments(parser, base="base", upsampler="upsample")
     _add_sampling_arguments(parser, guidance_scale=3.0, upsample_sampler="ddim")
     _add_output_arguments(parser)
-    parser.set_defaults(func=run_clip_guided)
+    parser.set_defaults(
+        func=run_clip_guided,
+        default_checkpoints=dict(
+            base_checkpoint="base",
+            upsample_checkpoint="upsample",
+            clip_image_checkpoint="clip/image-enc",
+            clip_text_checkpoint="clip/text-enc",
+        ),
+    )
 
 
 def add_download_command(subparsers: Any) -> None:
@@ -147,13 +161,27 @@ def _one_line(exc: BaseException) -> str:
 # ---------------------------------------------------------------------- shared arguments
 
 
+# The demo model that ``--demo`` puts in place of each official default. The demo has no
+# inpainting upsampler, so ``inpaint --demo`` stops at 64 x 64.
+DEMO_CHECKPOINTS = {
+    "base": "demo/base",
+    "upsample": "demo/upsample",
+    "base-inpaint": "demo/base-inpaint",
+    "upsample-inpaint": None,
+    "clip/image-enc": "demo/clip/image-enc",
+    "clip/text-enc": "demo/clip/text-enc",
+}
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser, base: str, upsampler: str) -> None:
     group = parser.add_argument_group("models")
-    group.add_argument("--base-checkpoint", default=base, help=f"name or .pt file (default {base})")
-    group.add_argument("--upsample-checkpoint", default=upsampler, help=f"name or .pt file (default {upsampler})")
+    group.add_argument("--demo", action="store_true", help="default to the small demo models shipped in the package")
+    group.add_argument("--base-checkpoint", help=f"name or .pt file (default {base}; demo/{base} with --demo)")
+    group.add_argument("--upsample-checkpoint", help=f"name or .pt file (default {upsampler})")
     group.add_argument("--no-upsample", action="store_true", help="stop at the 64x64 base images")
     group.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best available)")
     group.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float16 on CUDA, else float32)")
+    parser.set_defaults(default_checkpoints=dict(base_checkpoint=base, upsample_checkpoint=upsampler))
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser, guidance_scale: float, upsample_sampler: str) -> None:
@@ -390,8 +418,18 @@ def _check_samplers(args: argparse.Namespace, upsampler: Optional[str]) -> None:
         get_sampler(args.upsample_sampler)
 
 
+def _resolve_checkpoints(args: argparse.Namespace) -> None:
+    """Fill in the checkpoint arguments left out: the official defaults, or the demo's with ``--demo``."""
+    for key, official in args.default_checkpoints.items():
+        if getattr(args, key) is None:
+            setattr(args, key, DEMO_CHECKPOINTS[official] if args.demo else official)
+    if args.upsample_checkpoint is None:
+        args.no_upsample = True
+
+
 def _check_common_arguments(args: argparse.Namespace) -> None:
     """The checks that need no model: done first, so bad input fails before anything is loaded."""
+    _resolve_checkpoints(args)
     for name, value in (("-n", args.num_images), ("--batch-size", args.batch_size)):
         if value < 1:
             raise CommandError(f"{name} must be at least 1, got {value}")

@@ -326,3 +326,7 @@ def _write_text(path: str, text: str) -> None:
     with open(tmp_path, "w") as f:
         f.write(text)
     os.replace(tmp_path, path)
+
+
+# The embedded demo registers its checkpoints ("demo/base", ...) in LOCAL_CHECKPOINTS on import.
+import glide_text2im.demo  # noqa: E402,F401  (last: it imports register_checkpoint from here)

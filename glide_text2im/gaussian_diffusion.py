@@ -13,12 +13,15 @@ host.
 
 Random numbers: with ``generator=None`` the samplers draw from the global RNG in the
 reference order (one ``torch.randn`` start image when ``noise`` is None, then one
-``torch.randn_like(x)`` per step, the last step and ``eta = 0`` included). With a
-``torch.Generator`` every draw comes from it and the global RNG is left untouched.
+``torch.randn_like(x)`` per step, the last step and ``eta = 0`` included). ``generator`` may
+instead be a torch.Generator, or a noise source such as glide_text2im.noise.GroupedNoise
+(anything with ``randn(shape, device, dtype)``): every draw, in the same order, then comes
+from it and the global RNG is left untouched.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
@@ -28,6 +31,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .losses import discretized_gaussian_log_likelihood, normal_kl
+from .noise import NoiseGenerator, randn
 
 # model(x_t [N x C x ...], t [N] int64, **model_kwargs) -> [N x 2C x ...]
 Model = Callable[..., torch.Tensor]
@@ -95,6 +99,14 @@ def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.mean(dim=list(range(1, tensor.ndim)))
 
 
+def _last(steps: Iterator[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """The last item of a sampling loop's steps."""
+    out = None
+    for out in steps:
+        pass
+    return out
+
+
 def _default_device(model: Model, noise: Optional[torch.Tensor]) -> torch.device:
     """The model's parameter device, else the given noise's device, else the CPU."""
     if isinstance(model, nn.Module):
@@ -106,11 +118,12 @@ def _default_device(model: Model, noise: Optional[torch.Tensor]) -> torch.device
     return torch.device("cpu")
 
 
-def _randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Standard normal noise shaped like x, from ``generator`` or else the global RNG."""
+def _randn_like(x: torch.Tensor, generator: Optional[NoiseGenerator]) -> torch.Tensor:
+    """Standard normal noise shaped like x, from ``generator`` (a torch.Generator, or a noise
+    source such as glide_text2im.noise.GroupedNoise) or else the global RNG."""
     if generator is None:
         return torch.randn_like(x)
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return randn(x.shape, generator, x.device, x.dtype)
 
 
 class GaussianDiffusion:
@@ -338,7 +351,7 @@ class GaussianDiffusion:
         denoised_fn: Optional[DenoisedFn] = None,
         cond_fn: Optional[CondFn] = None,
         model_kwargs: Optional[Dict[str, Any]] = None,
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[NoiseGenerator] = None,
     ) -> Dict[str, torch.Tensor]:
         """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t); returns "sample" and "pred_xstart"."""
         out = self.p_mean_variance(
@@ -360,7 +373,7 @@ class GaussianDiffusion:
         cond_fn: Optional[CondFn] = None,
         model_kwargs: Optional[Dict[str, Any]] = None,
         eta: float = 0.0,
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[NoiseGenerator] = None,
     ) -> Dict[str, torch.Tensor]:
         """One DDIM step x_t -> x_{t-1} (Song et al. 2020, eq. 12); returns "sample" and "pred_xstart".
 
@@ -415,9 +428,11 @@ class GaussianDiffusion:
         shape: Sequence[int],
         noise: Optional[torch.Tensor],
         device: Optional[Union[torch.device, str]],
-        generator: Optional[torch.Generator],
+        generator: Optional[NoiseGenerator],
     ) -> torch.Tensor:
-        """x_T: ``noise`` (moved to ``device``), or else one normal draw of ``shape`` on ``device``."""
+        """x_T: ``noise`` (moved to ``device``), or else one normal draw of ``shape`` on ``device``
+        from ``generator`` (a torch.Generator, or a noise source such as
+        glide_text2im.noise.GroupedNoise) or the global RNG."""
         device = torch.device(device) if device is not None else _default_device(model, noise)
         if noise is not None:
             if tuple(noise.shape) != tuple(shape):
@@ -425,7 +440,7 @@ class GaussianDiffusion:
             return noise.to(device)
         if generator is None:
             return torch.randn(*shape, device=device)
-        return torch.randn(*shape, generator=generator, device=device)
+        return randn(shape, generator, device)
 
     def _reverse_timesteps(self, batch_size: int, device: torch.device, progress: bool) -> Iterator[torch.Tensor]:
         """t = [i] * batch_size (int64, on ``device``) for i from T - 1 down to 0."""
@@ -446,28 +461,19 @@ class GaussianDiffusion:
         model_kwargs: Optional[Dict[str, Any]] = None,
         device: Optional[Union[torch.device, str]] = None,
         progress: bool = False,
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[NoiseGenerator] = None,
     ) -> torch.Tensor:
         """Ancestral sampling from x_T to x_0; returns the final sample [shape] (about [-1, 1]).
 
         ``noise`` is the start image x_T (default: a fresh normal draw on ``device``, which
-        defaults to the model's parameter device, else the CPU).
+        defaults to the model's parameter device, else the CPU). ``generator`` (a
+        torch.Generator, or a noise source such as glide_text2im.noise.GroupedNoise) supplies
+        every normal draw instead of the global RNG.
         """
-        final = None
-        for final in self.p_sample_loop_progressive(
-            model,
-            shape,
-            noise=noise,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            device=device,
-            progress=progress,
-            generator=generator,
-        ):
-            pass
-        return final["sample"]
+        steps = self.p_sample_loop_progressive(
+            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, generator
+        )
+        return _last(steps)["sample"]
 
     def p_sample_loop_progressive(
         self,
@@ -480,24 +486,19 @@ class GaussianDiffusion:
         model_kwargs: Optional[Dict[str, Any]] = None,
         device: Optional[Union[torch.device, str]] = None,
         progress: bool = False,
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[NoiseGenerator] = None,
     ) -> Iterator[Dict[str, torch.Tensor]]:
         """Like ``p_sample_loop``, but yield every step's {"sample", "pred_xstart"}."""
-        x = self._start_image(model, shape, noise, device, generator)
-        for t in self._reverse_timesteps(shape[0], x.device, progress):
-            with torch.no_grad():
-                out = self.p_sample(
-                    model,
-                    x,
-                    t,
-                    clip_denoised=clip_denoised,
-                    denoised_fn=denoised_fn,
-                    cond_fn=cond_fn,
-                    model_kwargs=model_kwargs,
-                    generator=generator,
-                )
-            yield out
-            x = out["sample"]
+        step = functools.partial(
+            self.p_sample,
+            model,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            generator=generator,
+        )
+        yield from self._progressive(step, model, shape, noise, device, progress, generator)
 
     def ddim_sample_loop(
         self,
@@ -511,25 +512,13 @@ class GaussianDiffusion:
         device: Optional[Union[torch.device, str]] = None,
         progress: bool = False,
         eta: float = 0.0,
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[NoiseGenerator] = None,
     ) -> torch.Tensor:
         """DDIM sampling from x_T to x_0; returns the final sample [shape]. See ``p_sample_loop``."""
-        final = None
-        for final in self.ddim_sample_loop_progressive(
-            model,
-            shape,
-            noise=noise,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            device=device,
-            progress=progress,
-            eta=eta,
-            generator=generator,
-        ):
-            pass
-        return final["sample"]
+        steps = self.ddim_sample_loop_progressive(
+            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, eta, generator
+        )
+        return _last(steps)["sample"]
 
     def ddim_sample_loop_progressive(
         self,
@@ -543,23 +532,36 @@ class GaussianDiffusion:
         device: Optional[Union[torch.device, str]] = None,
         progress: bool = False,
         eta: float = 0.0,
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[NoiseGenerator] = None,
     ) -> Iterator[Dict[str, torch.Tensor]]:
         """Like ``ddim_sample_loop``, but yield every step's {"sample", "pred_xstart"}."""
+        step = functools.partial(
+            self.ddim_sample,
+            model,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            eta=eta,
+            generator=generator,
+        )
+        yield from self._progressive(step, model, shape, noise, device, progress, generator)
+
+    def _progressive(
+        self,
+        step: Callable[[torch.Tensor, torch.Tensor], Dict[str, torch.Tensor]],
+        model: Model,
+        shape: Sequence[int],
+        noise: Optional[torch.Tensor],
+        device: Optional[Union[torch.device, str]],
+        progress: bool,
+        generator: Optional[NoiseGenerator],
+    ) -> Iterator[Dict[str, torch.Tensor]]:
+        """Run ``step(x, t)`` from x_T down to t = 0 (each step without gradients), yielding its outputs."""
         x = self._start_image(model, shape, noise, device, generator)
         for t in self._reverse_timesteps(shape[0], x.device, progress):
             with torch.no_grad():
-                out = self.ddim_sample(
-                    model,
-                    x,
-                    t,
-                    clip_denoised=clip_denoised,
-                    denoised_fn=denoised_fn,
-                    cond_fn=cond_fn,
-                    model_kwargs=model_kwargs,
-                    eta=eta,
-                    generator=generator,
-                )
+                out = step(x, t)
             yield out
             x = out["sample"]
 

@@ -20,7 +20,8 @@ Every sampler has the same signature and returns a sample [shape] in [-1, 1] (wi
   part of an image for inpainting) and then the clamp to [-1, 1] (``clip_denoised``), as in
   ``GaussianDiffusion.p_mean_variance``. The result is that x_0 prediction at the last timestep.
 - ``noise`` is x_T [shape] (default: a normal draw from ``generator`` or the global RNG; the
-  samplers draw nothing else). ``callback({"i", "t", "x", "pred_xstart"})`` runs after every
+  samplers draw nothing else). ``generator`` is a torch.Generator, or a noise source such as
+  glide_text2im.noise.GroupedNoise. ``callback({"i", "t", "x", "pred_xstart"})`` runs after every
   evaluation.
 
 Notation: ``alpha_t = sqrt(alphas_cumprod_t)``, ``sigma_t = sqrt(1 - alphas_cumprod_t)``, so
@@ -39,6 +40,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .gaussian_diffusion import GaussianDiffusion
+from .noise import NoiseGenerator, randn
 
 # model(x_t [N x C x ...], t [N] int64 original timesteps, **model_kwargs) -> [N x 2C x ...]
 Model = Callable[..., torch.Tensor]
@@ -110,7 +112,7 @@ def sample_ddim(
     device: Optional[Union[torch.device, str]] = None,
     progress: bool = False,
     callback: Optional[Callback] = None,
-    generator: Optional[torch.Generator] = None,
+    generator: Optional[NoiseGenerator] = None,
 ) -> torch.Tensor:
     """Deterministic DDIM (Song et al. 2020, eq. 12 with eta = 0): the first-order baseline."""
     x, timesteps, alphas_cumprod = _start(model, diffusion, shape, steps, timesteps, noise, device, generator)
@@ -137,7 +139,7 @@ def sample_plms(
     device: Optional[Union[torch.device, str]] = None,
     progress: bool = False,
     callback: Optional[Callback] = None,
-    generator: Optional[torch.Generator] = None,
+    generator: Optional[NoiseGenerator] = None,
 ) -> torch.Tensor:
     """PLMS, pseudo linear multistep (Liu et al. 2022, "PNDM"): 4th-order Adams-Bashforth on eps.
 
@@ -179,7 +181,7 @@ def sample_dpmpp_2m(
     device: Optional[Union[torch.device, str]] = None,
     progress: bool = False,
     callback: Optional[Callback] = None,
-    generator: Optional[torch.Generator] = None,
+    generator: Optional[NoiseGenerator] = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, algorithm 2): second-order multistep on the x_0 prediction in log-SNR time.
 
@@ -232,7 +234,7 @@ def _start(
     timesteps: Optional[Sequence[int]],
     noise: Optional[torch.Tensor],
     device: Optional[Union[torch.device, str]],
-    generator: Optional[torch.Generator],
+    generator: Optional[NoiseGenerator],
 ) -> Tuple[torch.Tensor, List[int], np.ndarray]:
     """x_T, the timesteps to evaluate and their float64 alphas_cumprod."""
     if steps is not None and timesteps is not None:
@@ -267,7 +269,7 @@ def _start_image(
     shape: Sequence[int],
     noise: Optional[torch.Tensor],
     device: Optional[Union[torch.device, str]],
-    generator: Optional[torch.Generator],
+    generator: Optional[NoiseGenerator],
 ) -> torch.Tensor:
     """``noise`` on ``device``, or a normal draw; the device defaults to the noise's, else the model's."""
     shape = tuple(int(s) for s in shape)
@@ -278,7 +280,7 @@ def _start_image(
     if device is None:
         parameter = next(model.parameters(), None) if isinstance(model, nn.Module) else None
         device = parameter.device if parameter is not None else torch.device("cpu")
-    return torch.randn(shape, generator=generator, device=device)
+    return randn(shape, generator, device)
 
 
 def _iterate(timesteps: List[int], progress: bool):

@@ -13,7 +13,6 @@ import functools
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +41,6 @@ from glide_text2im.pipelines import (
     save_options,
 )
 from glide_text2im.pipelines.images import box_mask, keep_masks, load_image, load_mask, quantize
-from glide_text2im.pipelines.lockstep import BatchedModel, StreamGroup
 from glide_text2im.pipelines.loading import pick_device, pick_dtype
 
 CPU = torch.device("cpu")
@@ -345,6 +343,23 @@ def test_batched_prompts_match_one_by_one_with_the_same_per_prompt_seeds(text2im
     assert np.abs(swapped - np.array(batched.images_64[1], dtype=int)).max() > 50
 
 
+@pytest.mark.parametrize("name", ["inpaint", "clip_guided"])
+def test_other_pipelines_batch_prompts_like_one_by_one_too(request, name):
+    """Inpainting: guided base and inpainting upsampler; CLIP guidance: unguided rows, prompt by prompt."""
+    pipe = request.getfixturevalue(name)
+    prompts = ["a red cube", "a blue ball"]
+    kwargs = dict(num_images_per_prompt=2, steps=STEPS, upsample_steps=UPSAMPLE_STEPS)
+    if name == "inpaint":
+        kwargs.update(image=np.full((64, 64, 3), 200, dtype=np.uint8), mask=box_mask((0, 20, 64, 64), (64, 64)))
+    batched = pipe(prompts, seed=30, **kwargs)
+    for k, prompt in enumerate(prompts):
+        alone = pipe(prompt, seed=30 + k, **kwargs)
+        got = np.stack([np.array(image, dtype=int) for image in batched.images[2 * k : 2 * k + 2]])
+        want = np.stack([np.array(image, dtype=int) for image in alone.images])
+        assert np.abs(got - want).max() <= 1, k
+    assert np.abs(got - np.stack([np.array(image, dtype=int) for image in batched.images[:2]])).max() > 50
+
+
 def test_generator_argument_equals_seed_and_the_global_rng_is_untouched(text2im):
     torch.manual_seed(123)
     expected_next = torch.randn(3)
@@ -529,6 +544,13 @@ def test_non_finite_float32_outputs_are_reported_too():
         Text2ImPipeline(loaded)("a", steps="ddim2", seed=0)
 
 
+def test_infinite_output_clamped_away_by_ddim_is_still_reported():
+    loaded = micro_base("float32")
+    loaded.model.out[2].bias.data[0] = float("inf")  # eps = inf: pred_xstart is clamped to -1, finite
+    with pytest.raises(NonFiniteOutputError, match="in float32"):
+        Text2ImPipeline(loaded)("a", steps="ddim2", sampler="ddim", seed=0)
+
+
 # ---------------------------------------------------------------------- images and masks
 
 
@@ -574,44 +596,7 @@ def test_images_of_every_form_load_to_the_same_pixels(tmp_path):
         load_image(str(tmp_path / "missing.png"))
 
 
-# ---------------------------------------------------------------------- lockstep streams
-
-
-def test_streams_meet_at_every_call_and_get_their_own_rows_back():
-    group = StreamGroup(3)
-    calls = []
-
-    def model(x, t, scale):
-        calls.append(len(x))
-        return torch.cat([x * scale.view(-1, 1, 1, 1)] * 2, dim=1)
-
-    batched = BatchedModel(model, group, torch.float32)
-
-    def stream(k):
-        x = torch.full((k + 1, 3, 2, 2), float(k))
-        scale = torch.full((k + 1,), 10.0 ** k)
-        return [batched(x, torch.zeros(k + 1), scale=scale) for _ in range(2)]
-
-    results = group.run(stream)
-    assert calls == [6, 6]
-    for k, outs in enumerate(results):
-        assert all(torch.equal(out, torch.full((k + 1, 6, 2, 2), k * 10.0**k)) for out in outs)
-
-
-def test_a_failing_stream_stops_the_others_and_its_error_is_raised():
-    group = StreamGroup(3)
-    meeting = group.rendezvous(lambda payloads: payloads)
-
-    def stream(k):
-        if k == 1:
-            raise KeyError("stream 1 broke")
-        return [meeting(k) for _ in range(3)]
-
-    finished = []
-    runner = threading.Thread(target=lambda: finished.append(pytest.raises(KeyError, group.run, stream)))
-    runner.start()
-    runner.join(timeout=20)
-    assert finished and "stream 1 broke" in str(finished[0].value)
+# ---------------------------------------------------------------------- package
 
 
 def test_importing_the_package_stays_light_and_reexports_lazily():

@@ -15,10 +15,9 @@
 - :class:`PipelineOutput`; errors :class:`PromptTooLongError`, :class:`NonFiniteOutputError`.
 """
 
-from .base import PipelineOutput
+from .base import NonFiniteOutputError, PipelineOutput
 from .clip_guided import CLIPGuidedPipeline
 from .inpaint import InpaintPipeline
-from .lockstep import NonFiniteOutputError
 from .loading import (
     CHECKPOINT_OPTIONS,
     LoadedModel,

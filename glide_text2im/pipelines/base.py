@@ -1,23 +1,25 @@
-"""What every pipeline shares: seeds and generators, streams, step reports, the upsampling stage, outputs.
+"""What every pipeline shares: seeds and generators, step reports, the sampling stages, outputs.
 
-A pipeline call samples each prompt as the notebooks do for a single prompt (see
-``lockstep.py``): prompt k draws every random number, in the notebooks' order, from its own
-``torch.Generator`` (seeded with ``seed + k``, or one the caller passes), and all prompts'
-network calls are batched.
+A pipeline call samples all its prompts in one batched loop per stage, yet prompt i's images
+depend only on its own ``torch.Generator`` (seeded with ``seed + i``, or one the caller
+passes): a :class:`~glide_text2im.noise.GroupedNoise` draws every noise tensor prompt by
+prompt, each prompt's rows from its generator, in the calls a one-prompt notebook run makes.
+So one prompt gives the notebook's images bit for bit, and a batch of prompts gives the images
+of running them one by one (up to the rounding of batched kernels).
 """
 
 import secrets
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..guidance import inpaint_denoised_fn
+from ..guidance import ClassifierFreeGuidance, DenoisedFn, inpaint_denoised_fn
+from ..noise import GroupedNoise
 from ..respace import SpacedDiffusion
 from .images import round_to_uint8_levels, to_pil_images
-from .lockstep import BatchedModel, StreamGroup
 from .loading import LoadedModel, check_model_kind
 from .sampling import Sampler, get_sampler
 
@@ -28,6 +30,41 @@ Seed = Union[int, Sequence[int]]
 Generators = Union[torch.Generator, Sequence[torch.Generator]]
 
 MAX_SEED = 2**63 - 1
+
+
+class NonFiniteOutputError(FloatingPointError):
+    """The network produced NaN or infinite values."""
+
+
+class FiniteWatch:
+    """Calls ``model`` and keeps, on the device, whether every output so far was finite."""
+
+    def __init__(self, model: Callable[..., torch.Tensor]):
+        self.model = model
+        self.finite: Optional[torch.Tensor] = None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        out = self.model(x, t, **kwargs)
+        finite = torch.isfinite(out).all()
+        self.finite = finite if self.finite is None else self.finite & finite
+        return out
+
+    def all_finite(self) -> bool:
+        """True if every output was finite (one device sync)."""
+        return self.finite is None or bool(self.finite)
+
+
+def non_finite_message(dtype: torch.dtype) -> str:
+    """The error text for NaN / inf outputs of a model running in ``dtype``."""
+    name = str(dtype).replace("torch.", "")
+    if dtype == torch.float16:
+        return (
+            "the model produced NaN or infinite values in float16 (half precision overflows on some GPUs): "
+            "run it in float32 or bfloat16 instead (dtype='float32' or 'bfloat16'; --dtype on the command line)"
+        )
+    if dtype == torch.bfloat16:
+        return "the model produced NaN or infinite values in bfloat16: run it in float32 instead (dtype='float32')"
+    return f"the model produced NaN or infinite values in {name}: check the checkpoint and its options"
 
 
 @dataclass
@@ -49,22 +86,7 @@ class PipelineOutput:
     samples_256: Optional[torch.Tensor] = None
 
 
-@dataclass
-class Stream:
-    """What one prompt's run sees: its prompt and generator, the batched models, the step reporter."""
-
-    prompt: str
-    generator: torch.Generator
-    base: BatchedModel
-    upsampler: Optional[BatchedModel]
-    report: Callable[[torch.Tensor, torch.Tensor], None]
-
-    def step_callback(self, rows: int) -> Callable[[Dict[str, torch.Tensor]], None]:
-        """A sampler callback reporting the first ``rows`` samples of each step."""
-        return lambda out: self.report(out["sample"][:rows], out["pred_xstart"][:rows])
-
-
-def stream_generators(
+def prompt_generators(
     num_prompts: int, seed: Optional[Seed], generator: Optional[Generators], device: torch.device
 ) -> Tuple[List[torch.Generator], List[Optional[int]]]:
     """One generator per prompt, and its seed.
@@ -96,30 +118,75 @@ def stream_generators(
     return [torch.Generator(device=device).manual_seed(s) for s in seeds], seeds
 
 
-class StepReporter:
-    """Gathers every stream's step into one ``callback`` call and one progress-bar tick."""
+@dataclass
+class PromptBatch:
+    """One call's prompts, each with its generator (and seed) and ``num_images_per_prompt`` rows."""
 
-    def __init__(self, group: StreamGroup, total_steps: int, callback: Optional[StepCallback], progress: bool):
+    prompts: List[str]
+    num_images_per_prompt: int
+    generators: List[torch.Generator]
+    seeds: List[Optional[int]]
+    truncate_prompts: bool
+
+    @property
+    def rows(self) -> int:
+        """The number of images: the rows of a batch without classifier-free guidance."""
+        return len(self.prompts) * self.num_images_per_prompt
+
+    @property
+    def prompt_rows(self) -> List[str]:
+        """Each image's prompt, prompt by prompt."""
+        return [prompt for prompt in self.prompts for _ in range(self.num_images_per_prompt)]
+
+    def noise(self, classifier_free: bool) -> GroupedNoise:
+        """The noise source for a batch of this call: prompt i's rows draw from ``generators[i]``."""
+        return GroupedNoise.for_prompts(self.generators, self.num_images_per_prompt, classifier_free)
+
+    def output(
+        self, samples_64: torch.Tensor, samples_256: Optional[torch.Tensor], return_tensors: bool
+    ) -> PipelineOutput:
+        """The call's output from its samples [rows x 3 x S x S] in [-1, 1] (``samples_256``: None if not upsampled)."""
+        images_64 = to_pil_images(samples_64)
+        images_256 = to_pil_images(samples_256) if samples_256 is not None else None
+        return PipelineOutput(
+            images=images_256 if images_256 is not None else images_64,
+            images_64=images_64,
+            images_256=images_256,
+            prompts=self.prompt_rows,
+            seeds=[s for s in self.seeds for _ in range(self.num_images_per_prompt)],
+            samples_64=samples_64 if return_tensors else None,
+            samples_256=samples_256 if return_tensors else None,
+        )
+
+
+@dataclass
+class Upsampling:
+    """The settings of a call's upsampling stage; x_T is N(0, I) times ``temp``."""
+
+    diffusion: SpacedDiffusion
+    sampler: Sampler
+    temp: float
+
+
+class StepReporter:
+    """One ``callback`` call and one progress-bar tick per step, counted over all stages."""
+
+    def __init__(self, total_steps: int, callback: Optional[StepCallback], progress: bool):
         self.total_steps = total_steps
         self.callback = callback
         self.step = 0
         self._bar = tqdm(total=total_steps, disable=not progress, unit="step")
-        self._rendezvous = group.rendezvous(self._report_all) if callback or progress else None
 
     def __call__(self, sample: torch.Tensor, pred_xstart: torch.Tensor) -> None:
-        if self._rendezvous is not None:
-            self._rendezvous((sample, pred_xstart))
-
-    def _report_all(self, steps: List[Tuple[torch.Tensor, torch.Tensor]]) -> List[None]:
         if self.callback is not None:
-            sample = torch.cat([step[0] for step in steps])
-            pred_xstart = torch.cat([step[1] for step in steps])
             self.callback(self.step, self.total_steps, sample, pred_xstart)
         self.step += 1
         self._bar.update(1)
-        return [None] * len(steps)
 
-    def close(self) -> None:
+    def __enter__(self) -> "StepReporter":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
         self._bar.close()
 
 
@@ -147,100 +214,121 @@ class DiffusionPipeline:
             if loaded is not None:
                 loaded.text_kwargs(prompts, truncate=truncate)
 
-    def _upsample_setup(
-        self, upsample: Optional[bool], upsample_steps: Union[str, int], upsample_sampler: str
-    ) -> Tuple[bool, Optional[SpacedDiffusion], Optional[Sampler]]:
-        """(upsample?, the upsampler's diffusion, its sampler) for a call."""
+    def _prompt_batch(
+        self,
+        prompts: List[str],
+        num_images_per_prompt: int,
+        seed: Optional[Seed],
+        generator: Optional[Generators],
+        truncate_prompts: bool,
+    ) -> PromptBatch:
+        """The call's prompts with one generator each, on the pipeline's device (see :func:`prompt_generators`)."""
+        generators, seeds = prompt_generators(len(prompts), seed, generator, self.device)
+        return PromptBatch(prompts, num_images_per_prompt, generators, seeds, truncate_prompts)
+
+    def _upsampling(
+        self, upsample: Optional[bool], steps: Union[str, int], sampler: str, temp: float
+    ) -> Optional[Upsampling]:
+        """A call's upsampling stage (default: when the pipeline has an upsampler), or None."""
         if upsample is None:
             upsample = self.upsampler is not None
         if not upsample:
-            return False, None, None
+            return None
         if self.upsampler is None:
             raise ValueError("this pipeline has no upsampler: load one or pass upsample=False")
-        return True, self.upsampler.diffusion(upsample_steps), get_sampler(upsample_sampler)
+        return Upsampling(self.upsampler.diffusion(steps), get_sampler(sampler), temp)
 
-    def _run(
+    @staticmethod
+    def _reporter(
+        diffusion: SpacedDiffusion, upsampling: Optional[Upsampling], callback: Optional[StepCallback], progress: bool
+    ) -> StepReporter:
+        total_steps = diffusion.num_timesteps + (upsampling.diffusion.num_timesteps if upsampling else 0)
+        return StepReporter(total_steps, callback, progress)
+
+    @torch.no_grad()
+    def _sample(
         self,
-        prompts: List[str],
-        seed: Optional[Seed],
-        generator: Optional[Generators],
-        total_steps: int,
-        callback: Optional[StepCallback],
-        progress: bool,
-        run_stream: Callable[[Stream], Tuple[torch.Tensor, Optional[torch.Tensor]]],
-        num_images_per_prompt: int,
-        return_tensors: bool,
-    ) -> PipelineOutput:
-        """Run ``run_stream`` for every prompt (in lockstep) and collect the images."""
-        generators, seeds = stream_generators(len(prompts), seed, generator, self.device)
-        group = StreamGroup(len(prompts))
-        base = BatchedModel(self.base.model, group, self.base.model.dtype)
-        upsampler = BatchedModel(self.upsampler.model, group, self.upsampler.model.dtype) if self.upsampler else None
-        reporter = StepReporter(group, total_steps, callback, progress)
-
-        def stream_main(k: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-            with torch.no_grad():
-                return run_stream(Stream(prompts[k], generators[k], base, upsampler, reporter))
-
-        try:
-            results = group.run(stream_main)
-        finally:
-            reporter.close()
-        samples_64 = torch.cat([result[0] for result in results])
-        upsampled = results[0][1] is not None
-        samples_256 = torch.cat([result[1] for result in results]) if upsampled else None
-        images_64 = to_pil_images(samples_64)
-        images_256 = to_pil_images(samples_256) if upsampled else None
-        n = num_images_per_prompt
-        return PipelineOutput(
-            images=images_256 if upsampled else images_64,
-            images_64=images_64,
-            images_256=images_256,
-            prompts=[prompt for prompt in prompts for _ in range(n)],
-            seeds=[s for s in seeds for _ in range(n)],
-            samples_64=samples_64 if return_tensors else None,
-            samples_256=samples_256 if return_tensors else None,
-        )
-
-    def _upsample_stream(
-        self,
-        stream: Stream,
-        samples_64: torch.Tensor,
+        loaded: LoadedModel,
+        batch: PromptBatch,
         diffusion: SpacedDiffusion,
         sampler: Sampler,
-        upsample_temp: float,
-        truncate_prompts: bool,
-        inpaint: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        report: StepReporter,
+        *,
+        model_kwargs: Dict[str, torch.Tensor],
+        guidance_scale: Optional[float] = None,
+        noise_scale: Optional[float] = None,
+        denoised_fn: Optional[DenoisedFn] = None,
+        cond_fn: Optional[Callable[..., torch.Tensor]] = None,
     ) -> torch.Tensor:
-        """The notebooks' upsampling of one prompt's base samples [n x 3 x 64 x 64] -> [n x 3 x 256 x 256].
+        """One sampling loop over all prompts' rows: the images [rows x 3 x S x S] in [-1, 1].
 
-        ``low_res`` is the base samples snapped to 8-bit levels; x_T is drawn from the prompt's
-        generator right after the base loop, times ``upsample_temp``. ``inpaint`` = (source
-        image [1 x 3 x 256 x 256], keep mask [1 x 1 x 256 x 256]) conditions the
-        inpainting upsampler and pastes the kept region into every x_0 prediction.
+        With ``guidance_scale`` the loop runs classifier-free guidance on [cond rows; uncond
+        rows] (``model_kwargs`` must hold both); with ``noise_scale`` x_T is drawn here, times
+        that scale, else the sampler draws it. Raises :class:`NonFiniteOutputError` if any
+        network output of the stage held NaN or inf (checked on the device at every call,
+        read back once per stage, so the step loop never waits for the device).
         """
-        n = len(samples_64)
-        model_kwargs = self.upsampler.text_kwargs([stream.prompt] * n, truncate_prompts)
+        rows = batch.rows
+        classifier_free = guidance_scale is not None
+        shape = (2 * rows if classifier_free else rows, 3, loaded.image_size, loaded.image_size)
+        network = FiniteWatch(loaded.model)
+        model = ClassifierFreeGuidance(network, guidance_scale) if classifier_free else network
+        noise_source = batch.noise(classifier_free)
+        noise = None if noise_scale is None else noise_source.randn(shape, self.device) * noise_scale
+
+        def on_step(out: Dict[str, torch.Tensor]) -> None:
+            report(out["sample"][:rows], out["pred_xstart"][:rows])
+
+        sample = sampler.run(
+            diffusion,
+            model,
+            shape,
+            noise=noise,
+            generator=noise_source,
+            device=self.device,
+            model_kwargs=model_kwargs,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            callback=on_step,
+        )[:rows]
+        if not network.all_finite():
+            raise NonFiniteOutputError(non_finite_message(loaded.model.dtype))
+        return sample
+
+    def _upsample(
+        self,
+        batch: PromptBatch,
+        samples_64: torch.Tensor,
+        upsampling: Optional[Upsampling],
+        report: StepReporter,
+        inpaint: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> Optional[torch.Tensor]:
+        """The notebooks' upsampling of the base samples [rows x 3 x 64 x 64] -> [rows x 3 x 256 x 256].
+
+        ``low_res`` is the base samples snapped to 8-bit levels; x_T is drawn right after the
+        base loop, times ``upsampling.temp``. ``inpaint`` = (source image [1 x 3 x 256 x 256],
+        keep mask [1 x 1 x 256 x 256]) conditions the inpainting upsampler and pastes the kept
+        region into every x_0 prediction. None when the call does not upsample.
+        """
+        if upsampling is None:
+            return None
+        model_kwargs = self.upsampler.text_kwargs(batch.prompt_rows, batch.truncate_prompts)
         model_kwargs["low_res"] = round_to_uint8_levels(samples_64)
         denoised_fn = None
         if inpaint is not None:
             image, keep = inpaint
-            model_kwargs["inpaint_image"] = (image * keep).repeat(n, 1, 1, 1)
-            model_kwargs["inpaint_mask"] = keep.repeat(n, 1, 1, 1)
+            model_kwargs["inpaint_image"] = (image * keep).repeat(batch.rows, 1, 1, 1)
+            model_kwargs["inpaint_mask"] = keep.repeat(batch.rows, 1, 1, 1)
             denoised_fn = inpaint_denoised_fn(model_kwargs["inpaint_image"], model_kwargs["inpaint_mask"])
-        shape = shape_for(self.upsampler, n)
-        noise = torch.randn(shape, generator=stream.generator, device=self.device) * upsample_temp
-        return sampler.run(
-            diffusion,
-            stream.upsampler,
-            shape,
-            noise=noise,
-            generator=stream.generator,
-            device=self.device,
+        return self._sample(
+            self.upsampler,
+            batch,
+            upsampling.diffusion,
+            upsampling.sampler,
+            report,
             model_kwargs=model_kwargs,
+            noise_scale=upsampling.temp,
             denoised_fn=denoised_fn,
-            cond_fn=None,
-            callback=stream.step_callback(n),
         )
 
 
@@ -262,8 +350,3 @@ def split_prompts(prompts: Union[str, Sequence[str]]) -> List[str]:
         if not isinstance(prompt, str):
             raise TypeError(f"every prompt must be a str, got {type(prompt).__name__}")
     return prompts
-
-
-def shape_for(loaded: LoadedModel, batch_size: int) -> Tuple[int, int, int, int]:
-    """[batch_size x 3 x S x S] with S the model's image size."""
-    return (batch_size, 3, loaded.image_size, loaded.image_size)

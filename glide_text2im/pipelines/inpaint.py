@@ -10,18 +10,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..guidance import ClassifierFreeGuidance, inpaint_denoised_fn
-from .base import (
-    DiffusionPipeline,
-    Generators,
-    PipelineOutput,
-    Seed,
-    StepCallback,
-    Stream,
-    check_num_images,
-    shape_for,
-    split_prompts,
-)
+from ..guidance import inpaint_denoised_fn
+from .base import DiffusionPipeline, Generators, PipelineOutput, Seed, StepCallback, check_num_images, split_prompts
 from .images import ImageLike, image_to_tensor, keep_masks, load_image, load_mask
 from .loading import Options, load_model, pick_device
 from .sampling import get_sampler
@@ -85,38 +75,23 @@ class InpaintPipeline(DiffusionPipeline):
         prompts = split_prompts(prompts)
         check_num_images(num_images_per_prompt)
         self.check_prompts(prompts, truncate_prompts)
-        n = num_images_per_prompt
         source = load_image(image)
         regenerate = load_mask(mask)
         up_size = self.upsampler.image_size if self.upsampler is not None else 4 * self.base.image_size
         keep_64, keep_256 = keep_masks(regenerate, source.size, self.base.image_size, up_size, self.device)
         image_64 = image_to_tensor(source, self.base.image_size, self.device)
-        diffusion = self.base.diffusion(steps)
-        base_sampler = get_sampler(sampler)
-        upsample, up_diffusion, up_sampler = self._upsample_setup(upsample, upsample_steps, upsample_sampler)
-        image_256 = image_to_tensor(source, up_size, self.device) if upsample else None
-        total_steps = diffusion.num_timesteps + (up_diffusion.num_timesteps if upsample else 0)
-
-        def run_stream(stream: Stream):
-            model_kwargs = self.base.text_kwargs([stream.prompt] * n + [None] * n, truncate_prompts)
-            model_kwargs["inpaint_image"] = (image_64 * keep_64).repeat(2 * n, 1, 1, 1)
-            model_kwargs["inpaint_mask"] = keep_64.repeat(2 * n, 1, 1, 1)
-            samples = base_sampler.run(
-                diffusion,
-                ClassifierFreeGuidance(stream.base, guidance_scale),
-                shape_for(self.base, 2 * n),
-                noise=None,
-                generator=stream.generator,
-                device=self.device,
-                model_kwargs=model_kwargs,
+        diffusion, base_sampler = self.base.diffusion(steps), get_sampler(sampler)
+        upsampling = self._upsampling(upsample, upsample_steps, upsample_sampler, upsample_temp)
+        inpaint_256 = (image_to_tensor(source, up_size, self.device), keep_256) if upsampling else None
+        batch = self._prompt_batch(prompts, num_images_per_prompt, seed, generator, truncate_prompts)
+        with self._reporter(diffusion, upsampling, callback, progress) as report:
+            model_kwargs = self.base.text_kwargs(batch.prompt_rows + [None] * batch.rows, truncate_prompts)
+            model_kwargs["inpaint_image"] = (image_64 * keep_64).repeat(2 * batch.rows, 1, 1, 1)
+            model_kwargs["inpaint_mask"] = keep_64.repeat(2 * batch.rows, 1, 1, 1)
+            samples_64 = self._sample(
+                self.base, batch, diffusion, base_sampler, report,
+                model_kwargs=model_kwargs, guidance_scale=guidance_scale,
                 denoised_fn=inpaint_denoised_fn(model_kwargs["inpaint_image"], model_kwargs["inpaint_mask"]),
-                cond_fn=None,
-                callback=stream.step_callback(n),
-            )[:n]
-            if not upsample:
-                return samples, None
-            return samples, self._upsample_stream(
-                stream, samples, up_diffusion, up_sampler, upsample_temp, truncate_prompts, (image_256, keep_256)
             )
-
-        return self._run(prompts, seed, generator, total_steps, callback, progress, run_stream, n, return_tensors)
+            samples_256 = self._upsample(batch, samples_64, upsampling, report, inpaint_256)
+        return batch.output(samples_64, samples_256, return_tensors)

@@ -24,7 +24,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
 
-from ..clip.model_creation import CLIPModel, create_clip_model
+from ..clip.model_creation import CLIPModel, create_clip_model, load_clip_config
+from ..demo.clip_tokenizer import ByteCLIPTokenizer
 from ..download import LOCAL_CHECKPOINTS, MODEL_PATHS, checkpoint_path, load_checkpoint
 from ..model_creation import (
     create_gaussian_diffusion,
@@ -300,17 +301,25 @@ def load_clip(
     """The noised CLIP in float32 and eval mode.
 
     Its YAML config is ``config`` if given, else the sidecar ``<image checkpoint file>.yaml``
-    next to a local image-encoder file if there is one, else the official config.
+    next to a local image-encoder file if there is one, else the official config. A config
+    with the byte vocabulary (258 ids, the demo CLIP) reads captions with ``ByteCLIPTokenizer``.
     """
     device = pick_device(device)
     if config is None and is_local_checkpoint(image_checkpoint):
         sidecar = checkpoint_path(image_checkpoint) + ".yaml"
         config = sidecar if os.path.isfile(sidecar) else None
-    clip = create_clip_model(config_path=config, device=device)
+    clip = create_clip_model(config_path=config, device=device, tokenizer=clip_tokenizer(config))
     clip.image_encoder.load_state_dict(load_checkpoint(image_checkpoint, device, progress=progress))
     clip.text_encoder.load_state_dict(load_checkpoint(text_checkpoint, device, progress=progress))
     clip.eval()
     return clip
+
+
+def clip_tokenizer(config: Optional[str]) -> Optional[Any]:
+    """The caption tokenizer of a CLIP with YAML ``config``: the byte-level one when its
+    vocabulary is the byte vocabulary (the demo CLIP), else None (the CLIP BPE, built on first use)."""
+    tokenizer = ByteCLIPTokenizer()
+    return tokenizer if load_clip_config(config)["n_vocab"] == tokenizer.n_vocab else None
 
 
 def check_model_kind(loaded: LoadedModel, role: str, inpaint: bool, super_res: bool) -> None:

@@ -5,8 +5,9 @@ A sampler runs a whole loop::
     run(diffusion, model, shape, *, noise, generator, device, model_kwargs, denoised_fn,
         cond_fn, callback) -> final sample [shape]
 
-``noise`` may be None (the sampler draws x_T from ``generator``); ``callback`` receives
-``{"sample", "pred_xstart"}`` after every step. Built in:
+``noise`` may be None (the sampler draws x_T from ``generator``); ``generator`` is a
+torch.Generator, or a noise source such as glide_text2im.noise.GroupedNoise (the pipelines
+pass one); ``callback`` receives ``{"sample", "pred_xstart"}`` after every step. Built in:
 
 - ``"ancestral"``: ``diffusion.p_sample_loop`` (the notebooks' base sampler);
 - ``"ddim"``: ``diffusion.ddim_sample_loop`` with eta = 0 (the text2im notebook's upsampler);
@@ -24,6 +25,7 @@ import torch
 
 from .. import samplers as fast_samplers
 from ..gaussian_diffusion import GaussianDiffusion
+from ..noise import NoiseGenerator
 
 StepCallback = Callable[[Dict[str, torch.Tensor]], None]
 
@@ -55,7 +57,7 @@ def run_ancestral(
     shape: Sequence[int],
     *,
     noise: Optional[torch.Tensor],
-    generator: torch.Generator,
+    generator: NoiseGenerator,
     device: torch.device,
     model_kwargs: Dict[str, Any],
     denoised_fn: Optional[Callable[[torch.Tensor], torch.Tensor]],
@@ -85,7 +87,7 @@ def run_ddim(
     shape: Sequence[int],
     *,
     noise: Optional[torch.Tensor],
-    generator: torch.Generator,
+    generator: NoiseGenerator,
     device: torch.device,
     model_kwargs: Dict[str, Any],
     denoised_fn: Optional[Callable[[torch.Tensor], torch.Tensor]],

@@ -4,18 +4,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..guidance import ClassifierFreeGuidance
-from .base import (
-    DiffusionPipeline,
-    Generators,
-    PipelineOutput,
-    Seed,
-    StepCallback,
-    Stream,
-    check_num_images,
-    shape_for,
-    split_prompts,
-)
+from .base import DiffusionPipeline, Generators, PipelineOutput, Seed, StepCallback, check_num_images, split_prompts
 from .loading import Options, load_model, pick_device
 from .sampling import get_sampler
 
@@ -79,30 +68,14 @@ class Text2ImPipeline(DiffusionPipeline):
         prompts = split_prompts(prompts)
         check_num_images(num_images_per_prompt)
         self.check_prompts(prompts, truncate_prompts)
-        n = num_images_per_prompt
-        diffusion = self.base.diffusion(steps)
-        base_sampler = get_sampler(sampler)
-        upsample, up_diffusion, up_sampler = self._upsample_setup(upsample, upsample_steps, upsample_sampler)
-        total_steps = diffusion.num_timesteps + (up_diffusion.num_timesteps if upsample else 0)
-
-        def run_stream(stream: Stream):
-            model_kwargs = self.base.text_kwargs([stream.prompt] * n + [None] * n, truncate_prompts)
-            samples = base_sampler.run(
-                diffusion,
-                ClassifierFreeGuidance(stream.base, guidance_scale),
-                shape_for(self.base, 2 * n),
-                noise=None,
-                generator=stream.generator,
-                device=self.device,
-                model_kwargs=model_kwargs,
-                denoised_fn=None,
-                cond_fn=None,
-                callback=stream.step_callback(n),
-            )[:n]
-            if not upsample:
-                return samples, None
-            return samples, self._upsample_stream(
-                stream, samples, up_diffusion, up_sampler, upsample_temp, truncate_prompts
+        diffusion, base_sampler = self.base.diffusion(steps), get_sampler(sampler)
+        upsampling = self._upsampling(upsample, upsample_steps, upsample_sampler, upsample_temp)
+        batch = self._prompt_batch(prompts, num_images_per_prompt, seed, generator, truncate_prompts)
+        with self._reporter(diffusion, upsampling, callback, progress) as report:
+            model_kwargs = self.base.text_kwargs(batch.prompt_rows + [None] * batch.rows, truncate_prompts)
+            samples_64 = self._sample(
+                self.base, batch, diffusion, base_sampler, report,
+                model_kwargs=model_kwargs, guidance_scale=guidance_scale,
             )
-
-        return self._run(prompts, seed, generator, total_steps, callback, progress, run_stream, n, return_tensors)
+            samples_256 = self._upsample(batch, samples_64, upsampling, report)
+        return batch.output(samples_64, samples_256, return_tensors)

@@ -13,6 +13,11 @@ source and makes, per example, everything the loss needs:
   (1 = known, 0 = erased by random rectangles and ellipses), as the sampler feeds them;
 - super-resolution: ``low_res`` [3 x S/4 x S/4] (see ``low_res_of``).
 
+With a ``patch_size`` P, ``x_start`` is instead a random P x P patch of the S x S image, at
+a position that is a multiple of 4 (so ``low_res`` [3 x P/4 x P/4] is exactly the matching
+part of the whole image's low-res version), and the inpainting mask is P x P. The U-Nets are
+fully convolutional, so a model of image size S trains on patches at a fraction of the cost.
+
 Every random choice of an example (crop, caption drop, mask, t, noise) comes from a
 generator seeded by ``(seed, epoch, index)``. An example is therefore the same whatever the
 number of data-loader workers or processes, and after a resume; a sampler chooses examples
@@ -21,7 +26,7 @@ by yielding ``(epoch, index)`` keys.
 
 import random
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -120,6 +125,17 @@ def low_res_of(x: torch.Tensor) -> torch.Tensor:
     return low if x.dim() == 4 else low.squeeze(0)
 
 
+def random_aligned_patch(x: torch.Tensor, size: int, rng: random.Random) -> torch.Tensor:
+    """A random ``size x size`` patch of ``x`` [C x H x W] whose top-left corner lies on the
+    ``UPSAMPLE_FACTOR`` grid (so its 4 x 4 blocks are blocks of ``x``)."""
+    height, width = x.shape[-2:]
+    if size % UPSAMPLE_FACTOR or size > min(height, width):
+        raise ValueError(f"patch size {size} must be a multiple of {UPSAMPLE_FACTOR} and fit in {height} x {width}")
+    top = rng.randint(0, (height - size) // UPSAMPLE_FACTOR) * UPSAMPLE_FACTOR
+    left = rng.randint(0, (width - size) // UPSAMPLE_FACTOR) * UPSAMPLE_FACTOR
+    return x[..., top : top + size, left : left + size]
+
+
 def random_inpaint_mask(size: int, rng: random.Random, max_regions: int = 3) -> torch.Tensor:
     """Float32 [1 x size x size]: 1 where the image is known, 0 in 1..max_regions erased
     regions, each an axis-aligned rectangle or ellipse with sides of 20-60% of the image."""
@@ -183,6 +199,8 @@ class TrainingExamples(Dataset):
     :param super_res: add ``low_res``.
     :param seed: the base of every example's random choices.
     :param crop_min_fraction: see ``random_square_crop``.
+    :param patch_size: train on random aligned ``patch_size`` squares of the S x S image
+        (None: the whole image).
     """
 
     def __init__(
@@ -196,9 +214,16 @@ class TrainingExamples(Dataset):
         super_res: bool = False,
         seed: int = 0,
         crop_min_fraction: float = 1.0,
+        patch_size: Optional[int] = None,
     ):
         if not 0.0 <= uncond_prob <= 1.0:
             raise ValueError(f"uncond_prob must lie in [0, 1], got {uncond_prob}")
+        if patch_size is not None and not (
+            isinstance(patch_size, int) and 0 < patch_size <= image_size and patch_size % UPSAMPLE_FACTOR == 0
+        ):
+            raise ValueError(
+                f"patch_size must be a multiple of {UPSAMPLE_FACTOR} in [{UPSAMPLE_FACTOR}, {image_size}], got {patch_size!r}"
+            )
         if len(source) == 0:
             raise ValueError("the training data is empty")
         self.source = source
@@ -210,6 +235,7 @@ class TrainingExamples(Dataset):
         self.super_res = super_res
         self.seed = seed
         self.crop_min_fraction = crop_min_fraction
+        self.patch_size = patch_size
 
     def __len__(self) -> int:
         return len(self.source)
@@ -227,13 +253,15 @@ class TrainingExamples(Dataset):
         generator = torch.Generator().manual_seed(rng.getrandbits(63))
 
         x_start = image_to_tensor(random_square_crop(image, self.image_size, rng, self.crop_min_fraction))
+        if self.patch_size is not None:
+            x_start = random_aligned_patch(x_start, self.patch_size, rng)
         if rng.random() < self.uncond_prob:
             caption = ""
         example = dict(self.encode_caption(caption), x_start=x_start)
         example["t"] = self.diffusion.sample_timesteps(1, generator=generator)[0]
         example["noise"] = torch.randn(x_start.shape, generator=generator)
         if self.inpaint:
-            mask = random_inpaint_mask(self.image_size, rng)
+            mask = random_inpaint_mask(x_start.shape[-1], rng)
             example["inpaint_mask"] = mask
             example["inpaint_image"] = x_start * mask
         if self.super_res:

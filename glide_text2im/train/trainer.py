@@ -109,6 +109,9 @@ class TrainConfig:
         guidance); the CLIP always sees its captions.
     :param seed: seed of the data order, every example's random draws and the initial weights.
     :param crop_min_fraction: smallest random crop, as a fraction of the shorter image side.
+    :param patch_size: U-Nets: train on random ``patch_size`` squares (aligned to the 4-pixel
+        grid) of the model-sized images instead of the whole images (0: whole images); see
+        ``data.TrainingExamples``.
     :param log_every, save_every, sample_every: intervals in steps (``sample_every = 0``: no grids).
     :param sample_prompts: prompts of the base model's sample grids (default: the first
         captions of the data; the other U-Nets always use their data's first examples).
@@ -129,6 +132,7 @@ class TrainConfig:
     uncond_prob: float = 0.2
     seed: int = 0
     crop_min_fraction: float = 1.0
+    patch_size: int = 0
     log_every: int = 10
     save_every: int = 1000
     sample_every: int = 0
@@ -147,6 +151,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.ema_rate < 1.0:
             raise ValueError(f"ema_rate must lie in [0, 1), got {self.ema_rate}")
+        if self.patch_size < 0:
+            raise ValueError(f"patch_size must be 0 (whole images) or positive, got {self.patch_size}")
 
 
 # ---------------------------------------------------------------------- processes
@@ -268,6 +274,7 @@ class DiffusionTask:
             super_res=self.options["super_res"],
             seed=config.seed,
             crop_min_fraction=config.crop_min_fraction,
+            patch_size=config.patch_size or None,
         )
 
     def train_module(self) -> nn.Module:
@@ -403,6 +410,8 @@ class CLIPTask:
         return self.options["image_size"]
 
     def make_examples(self, source: Sequence[Example], config: TrainConfig) -> TrainingExamples:
+        if config.patch_size:
+            raise ValueError("patch_size applies to the U-Net tasks only; the CLIP sees whole images")
         return TrainingExamples(
             source,
             image_size=self.image_size,
