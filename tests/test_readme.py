@@ -14,6 +14,10 @@ and each such section has a check below; a section with commands and no check fa
   folder; the Python block runs in a folder holding ``glide-weights/base.pt`` (tiny) and
   ``vocab/`` (the reference vocabulary).
 - "Running the tests": the lines must be exactly commands that .ci/run runs.
+- "One call: pipelines and the `glide-text2im` command": the Python block runs in-process on
+  tiny random weights put in place of the official names; the command lines (which download
+  the official weights) are parsed by the command's own parser, and tests/test_cli.py runs
+  every subcommand for real on local weights.
 """
 
 import hashlib
@@ -34,6 +38,7 @@ from glide_text2im.tokenizer.bpe import get_encoder
 from glide_text2im.tokenizer.simple_tokenizer import SimpleTokenizer
 from tests.conftest import REPO_ROOT
 from tests.notebook_scripts.tiny_weights import (
+    tiny_options,
     tiny_state_dict,
     use_tiny_official_weights,
     write_notebook_weights,
@@ -46,7 +51,8 @@ INSTALL = "Install"
 QUICK_START = "The low-level API, as in the original notebooks"
 LOCAL_FILES = "Weights and vocabularies"
 TESTS = "Running the tests"
-CHECKED_SECTIONS = {INSTALL, QUICK_START, LOCAL_FILES, TESTS}
+PIPELINES = "One call: pipelines and the `glide-text2im` command"
+CHECKED_SECTIONS = {INSTALL, QUICK_START, LOCAL_FILES, TESTS, PIPELINES}
 
 
 def readme_blocks() -> Dict[str, List[tuple]]:
@@ -171,3 +177,44 @@ def test_local_files_snippet_reads_checkpoints_and_vocabulary_from_folders(tmp_p
     assert (tmp_path / "glide-weights" / "base.pt.sha256").read_text() == f"{digest}  base.pt\n"
     assert namespace["encoder"].decode(namespace["encoder"].encode("A Corgi")) == "a corgi"
     assert not (tmp_path / "xdg").exists(), "nothing may be downloaded"
+
+
+def test_pipeline_example_writes_one_image_per_prompt_and_seed(tiny_weights, tmp_path, monkeypatch):
+    import glide_text2im.pipelines.loading as loading
+
+    loaded = []
+
+    def load_checkpoint(name, device, progress=True, cache_dir=None, chunk_size=4096):
+        loaded.append(name)
+        return torch.load(tiny_weights / f"{name}.pt", map_location=device, weights_only=True)
+
+    for name in ("base", "upsample"):
+        monkeypatch.setitem(loading.CHECKPOINT_OPTIONS, name, lambda name=name: tiny_options(name))
+    monkeypatch.setattr(loading, "load_checkpoint", load_checkpoint)
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "__main__"}
+    exec(compile(block(PIPELINES, "python"), str(README), "exec"), namespace)
+
+    assert loaded == ["base", "upsample"]
+    out = namespace["out"]
+    assert out.seeds == [0, 0, 1, 1]
+    assert out.prompts == ["an oil painting of a corgi"] * 2 + ["a red cube on top of a blue sphere"] * 2
+    images = [np.asarray(Image.open(tmp_path / f"glide-{i}.png")) for i in range(4)]
+    assert all(image.shape == (256, 256, 3) and image.std() > 10 for image in images)
+    assert not np.array_equal(images[0], images[1]), "two images of one prompt must differ"
+
+
+def test_pipeline_command_lines_parse():
+    from glide_text2im.cli import build_parser
+
+    parser = build_parser()
+    lines = [line.split("#")[0].strip() for line in block(PIPELINES, "bash").splitlines() if line.strip()]
+    assert len(lines) == 6
+    for line in lines:
+        argv = shlex.split(line)
+        if argv[0] == "torchrun":
+            assert argv[1:4] == ["--nproc_per_node", "2", "-m"] and argv[4] == "glide_text2im"
+            argv = argv[4:]
+        assert argv[0] in ("glide-text2im", "glide_text2im")
+        args = parser.parse_args(argv[1:])
+        assert callable(args.func)

@@ -19,7 +19,7 @@ pass one); ``callback`` receives ``{"sample", "pred_xstart"}`` after every step.
 """
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 import torch
 
@@ -65,8 +65,7 @@ def run_ancestral(
     callback: StepCallback,
 ) -> torch.Tensor:
     """``p_sample_loop``, reporting every step."""
-    final = None
-    for final in diffusion.p_sample_loop_progressive(
+    steps = diffusion.p_sample_loop_progressive(
         model,
         shape,
         noise=noise,
@@ -76,9 +75,8 @@ def run_ancestral(
         model_kwargs=model_kwargs,
         device=device,
         generator=generator,
-    ):
-        callback(final)
-    return final["sample"]
+    )
+    return _report_each(steps, callback)
 
 
 def run_ddim(
@@ -95,8 +93,7 @@ def run_ddim(
     callback: StepCallback,
 ) -> torch.Tensor:
     """``ddim_sample_loop`` with eta = 0, reporting every step."""
-    final = None
-    for final in diffusion.ddim_sample_loop_progressive(
+    steps = diffusion.ddim_sample_loop_progressive(
         model,
         shape,
         noise=noise,
@@ -107,7 +104,14 @@ def run_ddim(
         device=device,
         eta=0.0,
         generator=generator,
-    ):
+    )
+    return _report_each(steps, callback)
+
+
+def _report_each(steps: Iterator[Dict[str, torch.Tensor]], callback: StepCallback) -> torch.Tensor:
+    """Pass every step's {"sample", "pred_xstart"} to ``callback``; return the last sample."""
+    final = None
+    for final in steps:
         callback(final)
     return final["sample"]
 
