@@ -26,6 +26,7 @@ import torch
 
 from ..clip.model_creation import CLIPModel, create_clip_model, load_clip_config
 from ..demo.clip_tokenizer import ByteCLIPTokenizer
+from ..memory import retain_freed_memory
 from ..download import LOCAL_CHECKPOINTS, MODEL_PATHS, checkpoint_path, load_checkpoint
 from ..model_creation import (
     create_gaussian_diffusion,
@@ -278,10 +279,13 @@ def load_model(
     progress: bool = True,
 ) -> LoadedModel:
     """Build the U-Net of ``checkpoint`` (official name, registered name or ``.pt`` file), load
-    its weights strictly, move it to ``device`` (default: :func:`pick_device`) and set its precision."""
+    its weights strictly, move it to ``device`` (default: :func:`pick_device`) and set its precision.
+    On a CPU the process then keeps freed activation memory for reuse (see ``glide_text2im.memory``)."""
     options = checkpoint_options(checkpoint, options)
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
+    if device.type == "cpu":
+        retain_freed_memory()
     build_options = dict(options, use_fp16=False, cache_text_emb=False, timestep_respacing="")
     model, _ = create_model_and_diffusion(**build_options)
     model.load_state_dict(load_checkpoint(checkpoint, "cpu", progress=progress))
