@@ -17,6 +17,13 @@ Each stage trains in ``<work>/<stage>`` (``state.pt``, ``log.csv``, ...) and the
 are exported in float16 to ``--out`` with their options sidecars: ``base.pt``,
 ``upsample.pt``, ``base_inpaint.pt`` (+ ``.json``), ``clip_image_enc.pt`` (+ ``.yaml``) and
 ``clip_text_enc.pt``. The run is deterministic for a given machine and thread count.
+
+Measured for the shipped weights on the project's 2-core CPU, one thread per stage while
+other jobs shared the machine: base 1960 s (1200 steps), upsample 616 s (500), inpaint 390 s
+(300), clip 496 s (1200), 58 minutes in sequence. These short runs do not reach the quality
+targets of ``tests/demo/test_demo_models.py`` yet (see its xfail reasons): the base model has
+not learned to follow the text by step 1200, so longer runs (raise ``steps`` in
+``STAGE_RECIPES``, or train on a GPU) are the way to better demo models.
 """
 
 import argparse
@@ -71,7 +78,9 @@ class Stage:
 
 # The upsampler sharpens what its low-res input shows: no attention (256 // 512 = 0 is no
 # level's downsampling factor; attention would also see other sizes on the training patches
-# than on whole images) and a small text transformer.
+# than on whole images) and a small text transformer. The cosine schedule (not the official
+# upsampler's linear one) spends more training steps at high noise, where only the low-res
+# input tells the colours; with the linear schedule a short run learns to ignore it.
 UPSAMPLE_OPTIONS: Dict[str, Any] = dict(
     BASE_OPTIONS,
     image_size=256,
@@ -80,7 +89,7 @@ UPSAMPLE_OPTIONS: Dict[str, Any] = dict(
     xf_width=32,
     xf_layers=1,
     xf_heads=1,
-    noise_schedule="linear",
+    noise_schedule="squaredcos_cap_v2",
 )
 
 # A lower fixed temperature than the official 100 keeps the first steps of a small batch stable.
@@ -118,7 +127,7 @@ STAGE_RECIPES: Dict[str, Stage] = {
         num_examples=20000,
         image_size=64,
         options={},
-        config=dict(steps=500, batch_size=16, lr=1e-3, warmup_steps=20, ema_rate=0.99, uncond_prob=0.2),
+        config=dict(steps=300, batch_size=16, lr=1e-3, warmup_steps=20, ema_rate=0.99, uncond_prob=0.2),
     ),
     "clip": Stage(
         num_examples=20000,
