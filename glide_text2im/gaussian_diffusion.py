@@ -99,6 +99,21 @@ def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.mean(dim=list(range(1, tensor.ndim)))
 
 
+def split_model_output(model_output: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A GLIDE model's output [N x 2C x ...] for x [N x C x ...] -> (eps, v), each [N x C x ...].
+
+    Raises ValueError when the output does not have that shape.
+    """
+    channels = x.shape[1]
+    expected = (x.shape[0], 2 * channels, *x.shape[2:])
+    if tuple(model_output.shape) != expected:
+        raise ValueError(
+            f"model output has shape {tuple(model_output.shape)}, expected {expected}: "
+            f"eps and variance values for each of the {channels} input channels"
+        )
+    return torch.split(model_output, channels, dim=1)
+
+
 def _last(steps: Iterator[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
     """The last item of a sampling loop's steps."""
     out = None
@@ -269,7 +284,7 @@ class GaussianDiffusion:
         clip_denoised: bool,
         denoised_fn: Optional[DenoisedFn],
     ) -> Dict[str, torch.Tensor]:
-        eps, model_var_values = self._split_model_output(model_output, x)
+        eps, model_var_values = split_model_output(model_output, x)
 
         # Learned range (Nichol & Dhariwal eq. 15): log-space interpolation between the
         # posterior variance (v = -1) and beta_t (v = 1).
@@ -291,18 +306,6 @@ class GaussianDiffusion:
             "log_variance": model_log_variance,
             "pred_xstart": pred_xstart,
         }
-
-    @staticmethod
-    def _split_model_output(model_output: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """[N x 2C x ...] -> (eps, v), each [N x C x ...]."""
-        channels = x.shape[1]
-        expected = (x.shape[0], 2 * channels, *x.shape[2:])
-        if tuple(model_output.shape) != expected:
-            raise ValueError(
-                f"model output has shape {tuple(model_output.shape)}, expected {expected}: "
-                f"eps and variance values for each of the {channels} input channels"
-            )
-        return torch.split(model_output, channels, dim=1)
 
     def condition_mean(
         self,
@@ -596,7 +599,7 @@ class GaussianDiffusion:
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise=noise)
         model_output = model(x_t, t, **(model_kwargs or {}))
-        eps, model_var_values = self._split_model_output(model_output, x_t)
+        eps, model_var_values = split_model_output(model_output, x_t)
 
         frozen_mean_output = torch.cat([eps.detach(), model_var_values], dim=1)
         vb = self._vb_terms_bpd(frozen_mean_output, x_start, x_t, t) * (self.num_timesteps / 1000.0)

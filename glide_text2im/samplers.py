@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .gaussian_diffusion import GaussianDiffusion
+from .gaussian_diffusion import GaussianDiffusion, split_model_output
 from .noise import NoiseGenerator, randn
 
 # model(x_t [N x C x ...], t [N] int64 original timesteps, **model_kwargs) -> [N x 2C x ...]
@@ -299,15 +299,7 @@ def _predict(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The model's eps at (x, t) and the x_0 it implies after ``denoised_fn`` and the clamp."""
     t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-    model_output = model(x, t_batch, **(model_kwargs or {}))
-    channels = x.shape[1]
-    expected = (x.shape[0], 2 * channels, *x.shape[2:])
-    if tuple(model_output.shape) != expected:
-        raise ValueError(
-            f"model output has shape {tuple(model_output.shape)}, expected {expected}: "
-            f"eps and variance values for each of the {channels} input channels"
-        )
-    eps = model_output[:, :channels]
+    eps, _ = split_model_output(model(x, t_batch, **(model_kwargs or {})), x)
     pred_xstart = _process_xstart(_xstart_from_eps(x, eps, alpha_cumprod), denoised_fn, clip_denoised)
     return eps, pred_xstart
 
