@@ -36,6 +36,7 @@ from glide_text2im.model_creation import (
     model_and_diffusion_defaults,
     model_and_diffusion_defaults_upsampler,
 )
+from glide_text2im.guidance import ClassifierFreeGuidance
 from glide_text2im.memory import retain_freed_memory
 from glide_text2im.samplers import SAMPLERS
 
@@ -112,20 +113,6 @@ def prompt_kwargs(model, prompts: int, unconditional: int, device: torch.device)
     tokens[:prompts, :length] = torch.arange(1000, 1000 + length)
     mask[:prompts, :length] = True
     return dict(tokens=tokens.to(device), mask=mask.to(device))
-
-
-def classifier_free_guidance(model, guidance_scale: float) -> Callable[..., torch.Tensor]:
-    """The notebooks' CFG model_fn: prompt rows first, unconditional rows second."""
-
-    def model_fn(x_t, ts, **kwargs):
-        half = x_t[: len(x_t) // 2]
-        model_out = model(torch.cat([half, half], dim=0), ts, **kwargs)
-        eps, rest = model_out[:, :3], model_out[:, 3:]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond_eps + guidance_scale * (cond_eps - uncond_eps)
-        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
-
-    return model_fn
 
 
 # ---------------------------------------------------------------------- measuring
@@ -294,7 +281,7 @@ def generate_image(setting: Dict[str, Any], base, base_options, up, up_options, 
     base_kwargs, up_prompt = prompt_kwargs(base, 1, 1, device), prompt_kwargs(up, 1, 0, device)
     if setting["path"] == "plain":
         base, up = uncached(base), uncached(up)
-    model_fn = model_fn or classifier_free_guidance(base, GUIDANCE_SCALE)
+    model_fn = model_fn or ClassifierFreeGuidance(base, GUIDANCE_SCALE)
     base_shape = (2, 3, base_size, base_size)
     base_noise = torch.randn(base_shape, generator=generator, device=device)
     if setting["base"] == "ancestral":
@@ -389,7 +376,7 @@ def main() -> None:
     base_size, up_size = base_options["image_size"], up_options["image_size"]
     base_x = torch.randn(2, 3, base_size, base_size, generator=generator).to(device)
     base_t = torch.full((2,), 500, dtype=torch.long, device=device)
-    model_fn = classifier_free_guidance(base, GUIDANCE_SCALE)
+    model_fn = ClassifierFreeGuidance(base, GUIDANCE_SCALE)
     up_x = torch.randn(1, 3, up_size, up_size, generator=generator).to(device)
     up_t = torch.full((1,), 500, dtype=torch.long, device=device)
     low_res = torch.rand(1, 3, base_size, base_size, generator=generator).to(device) * 2 - 1
