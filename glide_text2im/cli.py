@@ -161,18 +161,6 @@ def _one_line(exc: BaseException) -> str:
 # ---------------------------------------------------------------------- shared arguments
 
 
-# The demo model that ``--demo`` puts in place of each official default. The demo has no
-# inpainting upsampler, so ``inpaint --demo`` stops at 64 x 64.
-DEMO_CHECKPOINTS = {
-    "base": "demo/base",
-    "upsample": "demo/upsample",
-    "base-inpaint": "demo/base-inpaint",
-    "upsample-inpaint": None,
-    "clip/image-enc": "demo/clip/image-enc",
-    "clip/text-enc": "demo/clip/text-enc",
-}
-
-
 def _add_model_arguments(parser: argparse.ArgumentParser, base: str, upsampler: str) -> None:
     group = parser.add_argument_group("models")
     group.add_argument("--demo", action="store_true", help="default to the small demo models shipped in the package")
@@ -420,9 +408,11 @@ def _check_samplers(args: argparse.Namespace, upsampler: Optional[str]) -> None:
 
 def _resolve_checkpoints(args: argparse.Namespace) -> None:
     """Fill in the checkpoint arguments left out: the official defaults, or the demo's with ``--demo``."""
+    from .demo import demo_equivalent
+
     for key, official in args.default_checkpoints.items():
         if getattr(args, key) is None:
-            setattr(args, key, DEMO_CHECKPOINTS[official] if args.demo else official)
+            setattr(args, key, demo_equivalent(official) if args.demo else official)
     if args.upsample_checkpoint is None:
         args.no_upsample = True
 

@@ -61,19 +61,43 @@ def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) ->
 
     "linear": Ho et al.'s 1e-4 .. 0.02 for 1000 steps, scaled by 1000 / T so that any T
     describes the same process. "squaredcos_cap_v2": the cosine schedule of Nichol &
-    Dhariwal (eq. 17) with each beta capped at 0.999.
+    Dhariwal (eq. 17) with each beta capped at 0.999. "squaredcos_shift_<s>" (s > 0, e.g.
+    "squaredcos_shift_4"): that cosine schedule with its signal-to-noise ratio divided by s^2
+    at every step (Hoogeboom et al. 2023, "simple diffusion"), so that more of the steps lie at
+    the high noise levels where the layout of simple, flat images is decided.
     """
     if schedule_name == "linear":
         scale = 1000 / num_diffusion_timesteps
         return np.linspace(scale * 0.0001, scale * 0.02, num_diffusion_timesteps, dtype=np.float64)
     if schedule_name == "squaredcos_cap_v2":
+        return betas_for_alpha_bar(num_diffusion_timesteps, cosine_alpha_bar)
+    shift = _cosine_shift(schedule_name)
+    if shift is not None:
         return betas_for_alpha_bar(
             num_diffusion_timesteps,
-            lambda tau: math.cos((tau + 0.008) / 1.008 * math.pi / 2) ** 2,
+            lambda tau: cosine_alpha_bar(tau) / (cosine_alpha_bar(tau) + shift**2 * (1 - cosine_alpha_bar(tau))),
         )
     raise ValueError(
-        f"unknown beta schedule {schedule_name!r}: expected 'linear' or 'squaredcos_cap_v2'"
+        f"unknown beta schedule {schedule_name!r}: expected 'linear', 'squaredcos_cap_v2' or "
+        "'squaredcos_shift_<s>' with a number s > 0"
     )
+
+
+def cosine_alpha_bar(tau: float) -> float:
+    """The cosine schedule's alphas_cumprod at tau in [0, 1] (Nichol & Dhariwal, eq. 17)."""
+    return math.cos((tau + 0.008) / 1.008 * math.pi / 2) ** 2
+
+
+def _cosine_shift(schedule_name: str) -> Optional[float]:
+    """s of a "squaredcos_shift_<s>" name, None for other names."""
+    prefix = "squaredcos_shift_"
+    if not schedule_name.startswith(prefix):
+        return None
+    try:
+        shift = float(schedule_name[len(prefix):])
+    except ValueError:
+        return None
+    return shift if math.isfinite(shift) and shift > 0 else None
 
 
 def betas_for_alpha_bar(

@@ -77,8 +77,13 @@ def create_model_and_diffusion(
     inpaint: bool,
     super_res: bool,
     tokenizer: str = "bpe",
+    norm_groups: int = 32,
 ) -> Tuple[Text2ImUNet, SpacedDiffusion]:
-    """Build the U-Net and its (respaced) diffusion from an options dict."""
+    """Build the U-Net and its (respaced) diffusion from an options dict.
+
+    Beyond ``model_and_diffusion_defaults()``: ``tokenizer`` ("bpe" or "byte") and
+    ``norm_groups`` (GroupNorm groups; 32 in every official model).
+    """
     model = create_model(
         image_size,
         num_channels,
@@ -102,6 +107,7 @@ def create_model_and_diffusion(
         inpaint=inpaint,
         super_res=super_res,
         tokenizer=tokenizer,
+        norm_groups=norm_groups,
     )
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps, noise_schedule=noise_schedule, timestep_respacing=timestep_respacing
@@ -162,6 +168,7 @@ def create_model(
     super_res: bool,
     tokenizer: str = "bpe",
     use_checkpoint: bool = False,
+    norm_groups: int = 32,
 ) -> Text2ImUNet:
     """Build the text-conditional U-Net class that matches ``inpaint`` / ``super_res``."""
     mult = resolve_channel_mult(image_size, channel_mult)
@@ -197,6 +204,7 @@ def create_model(
         num_heads_upsample=num_heads_upsample,
         use_scale_shift_norm=use_scale_shift_norm,
         resblock_updown=resblock_updown,
+        norm_groups=norm_groups,
     )
 
 

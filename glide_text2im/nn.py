@@ -30,9 +30,12 @@ class GroupNorm32(nn.GroupNorm):
         return y
 
 
-def normalization(channels: int, swish: float = 0.0) -> GroupNorm32:
-    """The U-Net's norm layer: GroupNorm with 32 groups (eps 1e-5), SiLU after it if ``swish == 1``."""
-    return GroupNorm32(num_groups=32, num_channels=channels, swish=swish)
+def normalization(channels: int, swish: float = 0.0, groups: int = 32) -> GroupNorm32:
+    """The U-Net's norm layer: GroupNorm with ``groups`` groups (32 in GLIDE; eps 1e-5), SiLU
+    after it if ``swish == 1``."""
+    if channels % groups:
+        raise ValueError(f"{channels} channels cannot be split into {groups} normalization groups")
+    return GroupNorm32(num_groups=groups, num_channels=channels, swish=swish)
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:

@@ -108,6 +108,7 @@ class ResBlock(TimestepBlock):
         use_checkpoint: bool = False,
         up: bool = False,
         down: bool = False,
+        norm_groups: int = 32,
     ):
         super().__init__()
         self.channels = channels
@@ -116,7 +117,7 @@ class ResBlock(TimestepBlock):
         self.use_checkpoint = use_checkpoint
 
         self.in_layers = nn.Sequential(
-            normalization(channels, swish=1.0),
+            normalization(channels, swish=1.0, groups=norm_groups),
             nn.Identity(),
             conv_nd(dims, channels, self.out_channels, 3, padding=1),
         )
@@ -131,7 +132,7 @@ class ResBlock(TimestepBlock):
         emb_out = 2 * self.out_channels if use_scale_shift_norm else self.out_channels
         self.emb_layers = nn.Sequential(nn.SiLU(), linear(emb_channels, emb_out))
         self.out_layers = nn.Sequential(
-            normalization(self.out_channels),
+            normalization(self.out_channels, groups=norm_groups),
             nn.SiLU(),
             nn.Dropout(p=dropout),
             zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)),
@@ -195,6 +196,7 @@ class AttentionBlock(nn.Module):
         num_head_channels: int = -1,
         use_checkpoint: bool = False,
         encoder_channels: Optional[int] = None,
+        norm_groups: int = 32,
     ):
         super().__init__()
         self.channels = channels
@@ -205,7 +207,7 @@ class AttentionBlock(nn.Module):
                 raise ValueError(f"{channels} channels are not divisible by num_head_channels {num_head_channels}")
             self.num_heads = channels // num_head_channels
         self.use_checkpoint = use_checkpoint
-        self.norm = normalization(channels)
+        self.norm = normalization(channels, groups=norm_groups)
         self.qkv = conv_nd(1, channels, channels * 3, 1)
         self.attention = QKVAttention(self.num_heads)
         if encoder_channels is not None:
@@ -235,6 +237,9 @@ class UNetModel(nn.Module):
     :param use_fp16: build the torso in float16 (the same as calling ``convert_to_fp16()``).
     :param num_head_channels: width of each attention head (-1: use ``num_heads`` heads).
     :param encoder_channels: width of the text context that attention layers also attend to.
+    :param norm_groups: groups of every GroupNorm (32 in GLIDE). A group's mean is removed,
+        so with one channel per group (a 32-channel level) the network cannot pass an image's
+        overall colour to its output; narrow models need fewer groups.
     """
 
     def __init__(
@@ -256,6 +261,7 @@ class UNetModel(nn.Module):
         use_scale_shift_norm: bool = False,
         resblock_updown: bool = False,
         encoder_channels: Optional[int] = None,
+        norm_groups: int = 32,
     ):
         super().__init__()
         if num_heads_upsample == -1:
@@ -278,13 +284,13 @@ class UNetModel(nn.Module):
         def res_block(ch: int, out: int, **updown) -> ResBlock:
             return ResBlock(
                 ch, emb_dim, dropout, out_channels=out, dims=dims, use_checkpoint=use_checkpoint,
-                use_scale_shift_norm=use_scale_shift_norm, **updown,
+                use_scale_shift_norm=use_scale_shift_norm, norm_groups=norm_groups, **updown,
             )
 
         def attention_block(ch: int, heads: int) -> AttentionBlock:
             return AttentionBlock(
                 ch, use_checkpoint=use_checkpoint, num_heads=heads,
-                num_head_channels=num_head_channels, encoder_channels=encoder_channels,
+                num_head_channels=num_head_channels, encoder_channels=encoder_channels, norm_groups=norm_groups,
             )
 
         ch = int(channel_mult[0] * model_channels)
@@ -323,7 +329,7 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(
-            normalization(ch, swish=1.0),
+            normalization(ch, swish=1.0, groups=norm_groups),
             nn.Identity(),
             zero_module(conv_nd(dims, int(channel_mult[0] * model_channels), out_channels, 3, padding=1)),
         )

@@ -308,3 +308,20 @@ def test_condition_score_shifts_eps_by_scaled_gradient():
     assert torch.allclose(got["pred_xstart"].double(), want_xstart, atol=1e-4)
     assert got["variance"] is out["variance"]
     assert math.isfinite(got["mean"].abs().max().item())
+
+
+def test_shifted_cosine_divides_the_cosine_snr_by_the_squared_shift():
+    cosine = np.cumprod(1 - get_named_beta_schedule("squaredcos_cap_v2", 1000))
+    shifted = np.cumprod(1 - get_named_beta_schedule("squaredcos_shift_4", 1000))
+    snr = lambda alphas_cumprod: alphas_cumprod / (1 - alphas_cumprod)  # noqa: E731
+    # alpha_bar(0) of the cosine formula is not exactly 1, so the ratio is 16 up to that offset.
+    ratio = snr(cosine[:-1]) / snr(shifted[:-1])
+    np.testing.assert_allclose(ratio, ratio[0], rtol=1e-6)
+    assert 15.9 < ratio[0] < 16.0
+    assert np.all(np.diff(shifted) < 0) and shifted[-1] < 1e-9
+    np.testing.assert_allclose(
+        get_named_beta_schedule("squaredcos_shift_1", 1000), get_named_beta_schedule("squaredcos_cap_v2", 1000)
+    )
+    for bad in ("squaredcos_shift_", "squaredcos_shift_0", "squaredcos_shift_-2", "squaredcos_shift_x"):
+        with pytest.raises(ValueError, match="squaredcos_shift_<s>"):
+            get_named_beta_schedule(bad, 1000)

@@ -52,7 +52,8 @@ QUICK_START = "The low-level API, as in the original notebooks"
 LOCAL_FILES = "Weights and vocabularies"
 TESTS = "Running the tests"
 PIPELINES = "One call: pipelines and the `glide-text2im` command"
-CHECKED_SECTIONS = {INSTALL, QUICK_START, LOCAL_FILES, TESTS, PIPELINES}
+DEMO = "Offline demo model"
+CHECKED_SECTIONS = {INSTALL, QUICK_START, LOCAL_FILES, TESTS, PIPELINES, DEMO}
 
 
 def readme_blocks() -> Dict[str, List[tuple]]:
@@ -218,3 +219,16 @@ def test_pipeline_command_lines_parse():
         assert argv[0] in ("glide-text2im", "glide_text2im")
         args = parser.parse_args(argv[1:])
         assert callable(args.func)
+
+
+def test_demo_example_draws_a_256_image_offline_with_the_package_weights(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GLIDE_CACHE_DIR", str(tmp_path / "empty-cache"))  # nothing to download
+    namespace = {"__name__": "__main__"}
+    exec(compile(block(DEMO, "python"), str(README), "exec"), namespace)
+
+    assert namespace["pipe"].base.name == "demo/base"
+    image = np.asarray(Image.open(tmp_path / "demo.png"))
+    assert image.shape == (256, 256, 3) and image.dtype == np.uint8
+    assert image.std() > 10
+    assert not (tmp_path / "empty-cache").exists()

@@ -74,3 +74,19 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model(x, t).square().mean().backward()
     for p, q in zip(reference.parameters(), checkpointed.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_norm_groups_sets_every_group_norm_and_the_default_is_glides_32():
+    default = UNetModel(**TINY)
+    narrow = UNetModel(**TINY, norm_groups=8)
+    norms = lambda model: [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]  # noqa: E731
+    assert {m.num_groups for m in norms(default)} == {32}
+    assert {m.num_groups for m in norms(narrow)} == {8}
+    assert len(norms(narrow)) == len(norms(default)) > 5
+    # The same parameters: a checkpoint's layout does not depend on the group count.
+    assert [(k, v.shape) for k, v in narrow.state_dict().items()] == [
+        (k, v.shape) for k, v in default.state_dict().items()
+    ]
+    with pytest.raises(ValueError, match="12 normalization groups"):
+        UNetModel(**TINY, norm_groups=12)
+

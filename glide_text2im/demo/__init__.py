@@ -17,7 +17,7 @@ YAML config of the noised CLIP, whose captions use ``clip_tokenizer.ByteCLIPToke
 
 import json
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from glide_text2im.download import register_checkpoint
 
@@ -32,6 +32,22 @@ CHECKPOINT_FILES = {
     "demo/clip/text-enc": "clip_text_enc.pt",
 }
 UNET_CHECKPOINTS = ("demo/base", "demo/upsample", "demo/base-inpaint")
+# The demo checkpoint that stands in for each official one; the demo has no inpainting
+# upsampler, so demo inpainting stops at 64 x 64.
+DEMO_EQUIVALENTS: Dict[str, Optional[str]] = {
+    "base": "demo/base",
+    "upsample": "demo/upsample",
+    "base-inpaint": "demo/base-inpaint",
+    "upsample-inpaint": None,
+    "clip/image-enc": "demo/clip/image-enc",
+    "clip/text-enc": "demo/clip/text-enc",
+}
+
+
+def demo_equivalent(name: Optional[str]) -> Optional[str]:
+    """The demo checkpoint for official checkpoint ``name`` (None where the demo has none);
+    any other name (a file, a demo or registered name, None) is returned unchanged."""
+    return DEMO_EQUIVALENTS[name] if name in DEMO_EQUIVALENTS else name
 
 
 def weights_path(name: str) -> str:

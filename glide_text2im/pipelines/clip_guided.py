@@ -11,6 +11,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ..demo import demo_equivalent
 from ..clip.model_creation import CLIPModel
 from .base import DiffusionPipeline, Generators, PipelineOutput, Seed, StepCallback, check_num_images, split_prompts
 from .loading import LoadedModel, Options, load_clip, load_model, pick_device
@@ -40,9 +41,13 @@ class CLIPGuidedPipeline(DiffusionPipeline):
         device: Optional[Union[str, torch.device]] = None,
         dtype: Optional[Union[str, torch.dtype]] = None,
         progress: bool = True,
+        demo: bool = False,
     ) -> "CLIPGuidedPipeline":
         """Load the base model, the upsampler and the noised CLIP (always float32; its YAML
         config from ``clip_config``, a ``<image checkpoint>.yaml`` sidecar, or the official one)."""
+        if demo:
+            base, upsampler = demo_equivalent(base), demo_equivalent(upsampler)
+            clip_image, clip_text = demo_equivalent(clip_image), demo_equivalent(clip_text)
         device = pick_device(device)
         loaded_base = load_model(base, base_options, device, dtype, progress)
         loaded_up = load_model(upsampler, upsampler_options, device, dtype, progress) if upsampler else None

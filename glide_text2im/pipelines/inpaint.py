@@ -10,6 +10,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ..demo import demo_equivalent
 from ..guidance import inpaint_denoised_fn
 from .base import DiffusionPipeline, Generators, PipelineOutput, Seed, StepCallback, check_num_images, split_prompts
 from .images import ImageLike, image_to_tensor, keep_masks, load_image, load_mask
@@ -36,8 +37,11 @@ class InpaintPipeline(DiffusionPipeline):
         device: Optional[Union[str, torch.device]] = None,
         dtype: Optional[Union[str, torch.dtype]] = None,
         progress: bool = True,
+        demo: bool = False,
     ) -> "InpaintPipeline":
         """Load the inpainting base model and upsampler; see ``Text2ImPipeline.from_pretrained``."""
+        if demo:
+            base, upsampler = demo_equivalent(base), demo_equivalent(upsampler)
         device = pick_device(device)
         loaded_base = load_model(base, base_options, device, dtype, progress)
         loaded_up = load_model(upsampler, upsampler_options, device, dtype, progress) if upsampler else None

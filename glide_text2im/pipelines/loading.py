@@ -58,7 +58,7 @@ DTYPES = {
 }
 
 _OPTION_NAMES = tuple(inspect.signature(create_model_and_diffusion).parameters)
-_OPTIONAL_OPTIONS = ("tokenizer",)
+_OPTIONAL_OPTIONS = ("tokenizer", "norm_groups")
 
 
 class PromptTooLongError(ValueError):

@@ -4,6 +4,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ..demo import demo_equivalent
 from .base import DiffusionPipeline, Generators, PipelineOutput, Seed, StepCallback, check_num_images, split_prompts
 from .loading import Options, load_model, pick_device
 from .sampling import get_sampler
@@ -23,13 +24,18 @@ class Text2ImPipeline(DiffusionPipeline):
         device: Optional[Union[str, torch.device]] = None,
         dtype: Optional[Union[str, torch.dtype]] = None,
         progress: bool = True,
+        demo: bool = False,
     ) -> "Text2ImPipeline":
         """Load the base model and (unless ``upsampler`` is None) the upsampler.
 
         Checkpoints are official names (downloaded on first use), registered names or ``.pt``
         files (options from ``*_options`` or their ``.json`` sidecar). ``device`` defaults to
         CUDA, then MPS, then CPU; ``dtype`` to float16 on CUDA and float32 elsewhere.
+        ``demo=True`` puts the small demo models shipped in the package (offline, see
+        ``glide_text2im.demo``) in place of official checkpoint names.
         """
+        if demo:
+            base, upsampler = demo_equivalent(base), demo_equivalent(upsampler)
         device = pick_device(device)
         loaded_base = load_model(base, base_options, device, dtype, progress)
         loaded_up = load_model(upsampler, upsampler_options, device, dtype, progress) if upsampler else None

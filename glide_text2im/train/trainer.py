@@ -79,6 +79,7 @@ from glide_text2im.train.data import (
 
 TASKS = ("base", "upsample", "inpaint", "clip")
 PRECISIONS = ("fp32", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine")
 STATE_FILE = "state.pt"
 LOG_FILE = "log.csv"
 STATE_FORMAT = 1
@@ -100,6 +101,8 @@ class TrainConfig:
     :param steps: optimiser steps to reach (a resumed run continues up to this count).
     :param batch_size: the global batch, split evenly over the processes.
     :param lr: AdamW learning rate after ``warmup_steps`` linear warm-up steps.
+    :param lr_schedule: "constant" (``lr`` after the warm-up) or "cosine" (from ``lr`` down to 0
+        at ``steps`` along a half cosine, after the warm-up).
     :param grad_clip: maximum global gradient norm (0 disables clipping).
     :param ema_rate: EMA decay; at step s the decay used is ``min(ema_rate, (1 + s) / (10 + s))``
         so that the EMA of a short run follows the weights.
@@ -124,6 +127,7 @@ class TrainConfig:
     steps: int
     batch_size: int = 8
     lr: float = 1e-4
+    lr_schedule: str = "constant"
     weight_decay: float = 0.01
     warmup_steps: int = 0
     grad_clip: float = 1.0
@@ -144,6 +148,8 @@ class TrainConfig:
 
     def __post_init__(self):
         self.sample_prompts = tuple(self.sample_prompts)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("steps", "batch_size", "log_every", "save_every", "num_samples"):
@@ -446,11 +452,11 @@ Task = Union[DiffusionTask, CLIPTask]
 
 def default_options(kind: str) -> Dict[str, Any]:
     """The official options a task starts from: the base model's for "base" and "inpaint",
-    the upsampler's for "upsample"; ``tokenizer`` is "bpe"."""
+    the upsampler's for "upsample"; ``tokenizer`` is "bpe" and ``norm_groups`` 32."""
     if kind not in TASKS[:3]:
         raise ValueError(f"unknown U-Net task {kind!r}; expected one of {TASKS[:3]}")
     options = model_and_diffusion_defaults_upsampler() if kind == "upsample" else model_and_diffusion_defaults()
-    return dict(options, tokenizer="bpe")
+    return dict(options, tokenizer="bpe", norm_groups=32)
 
 
 def official_options(name: str) -> Dict[str, Any]:
@@ -820,9 +826,14 @@ class Trainer:
                 yield {k: v.to(self.context.device, non_blocking=True) for k, v in batch.items()}
 
     def learning_rate(self, step: int) -> float:
-        if self.config.warmup_steps and step < self.config.warmup_steps:
-            return self.config.lr * (step + 1) / self.config.warmup_steps
-        return self.config.lr
+        """The learning rate of optimiser step ``step`` (0-based)."""
+        config = self.config
+        if config.warmup_steps and step < config.warmup_steps:
+            return config.lr * (step + 1) / config.warmup_steps
+        if config.lr_schedule == "cosine":
+            progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+            return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return config.lr
 
     def train_step(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         """One optimiser step on a local batch; returns [means of the task's terms..., lr, grad norm]."""

@@ -30,6 +30,7 @@ from glide_text2im.demo.train import DATA_SEED, PARTIAL_PROB, STAGE_RECIPES
 from glide_text2im.download import load_checkpoint
 from glide_text2im.guidance import ClassifierFreeGuidance, inpaint_denoised_fn
 from glide_text2im.model_creation import create_gaussian_diffusion, create_model_and_diffusion
+from glide_text2im.pipelines import CLIPGuidedPipeline, InpaintPipeline, Text2ImPipeline
 from glide_text2im.pipelines.loading import load_clip
 from glide_text2im.samplers import sample_dpmpp_2m
 from glide_text2im.train.data import low_res_of
@@ -153,22 +154,55 @@ def test_held_out_prompts_are_not_training_captions():
 
 @pytest.mark.xfail(
     strict=True,
-    reason="measured with the shipped weights (1200 steps): colour 0.11, shape 0.38, position 0.19; the model has "
-    "not yet learned to use the text (its output barely changes with the prompt); it needs a longer run",
+    reason="measured with the shipped weights (4500 steps): colour 0.19, shape 0.34, position 0.22; the prompt "
+    "changes the eps-MSE by under 2% yet, below the small network's error floor at high noise (see demo/train.py)",
 )
-def test_base_with_classifier_free_guidance_draws_held_out_prompts(base):
+def test_base_with_classifier_free_guidance_draws_held_out_prompts(held_out_judgements):
+    scores, _ = held_out_judgements
+    print("base + CFG, DPM-Solver++(2M) 25 steps, 64 held-out prompts:", scores)
+    assert scores["colour"] >= 0.9 and scores["shape"] >= 0.8 and scores["position"] >= 0.8, scores
+
+
+def test_25_dpm_solver_steps_judge_as_well_as_100_ancestral_steps(base, held_out_judgements):
+    # Issue 10: the fast sampler is within 2 points of the notebook's 100 ancestral steps on the
+    # attributes a prompt asks for (judged on the 64 x 64 base samples, same prompts and seeds).
+    fast, cases = held_out_judgements
+    mean = lambda scores: sum(scores[k] for k in ("colour", "shape", "position")) / 3  # noqa: E731
+    if mean(fast) < 0.5:
+        pytest.skip(
+            f"the demo base does not follow its prompts yet (mean judged accuracy {mean(fast):.2f} with 25 "
+            "DPM-Solver++ steps): comparing samplers by the judge needs a model that does"
+        )
+    model, _ = base
+    prompts = [prompt for _, prompt in cases]
+    options = demo.options("demo/base")
+    respaced = create_gaussian_diffusion(options["diffusion_steps"], options["noise_schedule"], "100")
+    with torch.no_grad():
+        samples = respaced.p_sample_loop(
+            ClassifierFreeGuidance(model, GUIDANCE_SCALE),
+            (2 * len(prompts), 3, 64, 64),
+            model_kwargs=text_kwargs(model, prompts + [None] * len(prompts)),
+            generator=torch.Generator().manual_seed(0),
+        )[: len(prompts)]
+    ancestral = accuracy(samples, [spec for spec, _ in cases])
+    print("judge, DPM-Solver++(2M) 25 steps:", fast, "ancestral 100 steps:", ancestral)
+    assert mean(fast) >= mean(ancestral) - 0.02, (fast, ancestral)
+
+
+@pytest.fixture(scope="module")
+def held_out_judgements(base):
+    """(judge accuracies, cases) of the base with classifier-free guidance and the 25-step
+    DPM-Solver++(2M) sampler on 64 held-out prompts."""
     model, diffusion = base
     cases = held_out_cases(64, seed=1)
     samples = guided_samples(model, diffusion, [prompt for _, prompt in cases], seed=0)
-    scores = accuracy(samples, [spec for spec, _ in cases])
-    print("base + CFG, 64 held-out prompts:", scores)
-    assert scores["colour"] >= 0.9 and scores["shape"] >= 0.8 and scores["position"] >= 0.8, scores
+    return accuracy(samples, [spec for spec, _ in cases]), cases
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="measured with the shipped weights (500 steps): box-downsampled MAE 0.89 (it is sharper than bilinear, "
-    "mean |Laplacian| 0.028 vs 0.002, but from high noise it does not follow its low-res input yet)",
+    reason="measured with the shipped weights (400 steps): box-downsampled MAE 0.85; the samples keep the low-res "
+    "edges but the flat backgrounds drift in colour from high noise",
 )
 def test_upsampler_keeps_the_low_res_image_and_sharpens_it():
     model, diffusion = load_unet("demo/upsample")
@@ -238,8 +272,8 @@ def test_inpainting_keeps_every_known_pixel_exactly(inpainted):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="measured with the shipped weights: shape 0.25, colour 0.22 (the inpainting model starts from a base "
-    "that has not yet learned to follow the text; see the base test)",
+    reason="measured with the shipped weights: shape 0.375, colour 0.125 (the inpainting model starts from a base "
+    "that does not follow its prompts yet; see the base test)",
 )
 def test_inpainting_draws_the_requested_shape_and_colour(inpainted):
     _, _, samples, wanted = inpainted
@@ -260,13 +294,16 @@ def box_mask(spec, size):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="measured with the shipped weights: colour 0.125 unguided -> 0.29 with CLIP guidance (scale 30; "
-    "0.31-0.38 at scales 10-30 on 16 samples), short of 0.6",
+    reason="measured with the shipped weights: colour 0.167 unguided -> 0.125 with CLIP guidance (scale 30), "
+    "short of 0.6",
 )
 def test_clip_guidance_gives_the_unconditional_base_the_asked_colour(base):
     model, _ = base
     clip = load_clip("demo/clip/image-enc", "demo/clip/text-enc", device="cpu")
-    diffusion = create_gaussian_diffusion(1000, "squaredcos_cap_v2", timestep_respacing=str(SAMPLE_STEPS))
+    options = demo.options("demo/base")
+    diffusion = create_gaussian_diffusion(
+        options["diffusion_steps"], options["noise_schedule"], timestep_respacing=str(SAMPLE_STEPS)
+    )
     colours = [list(shapes.COLOURS)[i % len(shapes.COLOURS)] for i in range(24)]
     rng = random.Random("demo-tests/clip")
     prompts = [shapes.caption(shapes.PartialSpec(colour=c), rng, held_out=True) for c in colours]
@@ -316,11 +353,24 @@ def test_cli_generate_demo_runs_offline_in_under_a_minute(cli_run):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="measured with the shipped weights: judged a pink square on gray (the base model ignores the text "
-    "and the upsampler does not keep the base image's colours; see those tests)",
+    reason="measured with the shipped weights: judged a cyan circle on gray (the base model does not follow the "
+    "prompt yet and the upsampler does not keep the base image's colours; see those tests)",
 )
 def test_cli_generate_demo_draws_the_prompt(cli_run):
     _, image = cli_run
     judgement = judge(image.convert("RGB").resize((64, 64), Image.BOX))
     print(f"CLI --demo: judged a {judgement.colour} {judgement.shape} on {judgement.background}")
     assert judgement.agrees_with(shapes.parse_prompt(CLI_PROMPT)) == {"shape": True, "colour": True}
+
+
+def test_pipelines_put_the_demo_models_in_place_of_the_official_defaults_with_demo_true():
+    text2im = Text2ImPipeline.from_pretrained(demo=True, device="cpu", progress=False)
+    assert (text2im.base.name, text2im.upsampler.name) == ("demo/base", "demo/upsample")
+    assert text2im.base.options == demo.options("demo/base")
+    inpaint = InpaintPipeline.from_pretrained(demo=True, device="cpu", progress=False)
+    assert inpaint.base.name == "demo/base-inpaint" and inpaint.upsampler is None  # no demo inpainting upsampler
+    guided = CLIPGuidedPipeline.from_pretrained(demo=True, upsampler=None, device="cpu", progress=False)
+    assert guided.clip.tokenizer.n_vocab == ByteCLIPTokenizer().n_vocab
+    # A name that is not an official default is kept.
+    assert Text2ImPipeline.from_pretrained("demo/base", None, demo=True, device="cpu", progress=False).upsampler is None
+    assert demo.demo_equivalent("base") == "demo/base" and demo.demo_equivalent("my.pt") == "my.pt"

@@ -265,3 +265,19 @@ def test_clip_weights_load_with_their_sidecar_config(tmp_path):
     assert yaml.safe_load((tmp_path / "clip_image_enc.pt.yaml").read_text()) == state["options"]
     resumed = build_task("clip", init=f"{tmp_path / 'clip_image_enc.pt'},{tmp_path / 'clip_text_enc.pt'}")
     assert resumed.options == state["options"]
+
+
+def test_cosine_learning_rate_schedule_warms_up_then_decays_to_zero(tmp_path):
+    task = tiny_task("base")
+    config = TrainConfig(steps=110, batch_size=4, lr=1e-3, warmup_steps=10, lr_schedule="cosine")
+    trainer = Trainer(task, shape_images(), tmp_path, config)
+    rates = [trainer.learning_rate(step) for step in range(110)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
+    assert rates[10] == pytest.approx(1e-3)
+    assert rates[60] == pytest.approx(0.5e-3)  # halfway through the decay
+    assert rates[109] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 99 / 100)))
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
+    constant = Trainer(task, shape_images(), tmp_path / "c", TrainConfig(steps=110, batch_size=4, lr=1e-3, warmup_steps=10))
+    assert constant.learning_rate(109) == 1e-3
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(steps=1, lr_schedule="linear")
