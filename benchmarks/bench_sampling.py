@@ -16,6 +16,9 @@ weights (every parameter randomised, so nothing is zero) and prints, in one run 
     python benchmarks/bench_sampling.py                 # full size, CPU float32
     python benchmarks/bench_sampling.py --small         # tiny models: checks that everything runs
     python benchmarks/bench_sampling.py --device cuda --dtype float16 --full-image
+    python benchmarks/bench_sampling.py --device cuda --dtype float16 --full-image --cuda-graphs
+
+``--cuda-graphs`` adds (c): the fast path replayed from a CUDA graph (``glide_text2im.cuda_graphs``).
 """
 
 import argparse
@@ -36,6 +39,7 @@ from glide_text2im.model_creation import (
     model_and_diffusion_defaults,
     model_and_diffusion_defaults_upsampler,
 )
+from glide_text2im.cuda_graphs import CUDAGraphStep
 from glide_text2im.guidance import ClassifierFreeGuidance
 from glide_text2im.memory import retain_freed_memory
 from glide_text2im.samplers import SAMPLERS
@@ -59,6 +63,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--base-steps", type=int, default=25, help="base steps of the fast samplers")
     parser.add_argument("--upsample-steps", type=int, default=10, help="upsampler steps of the fast samplers")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cuda-graphs", action="store_true", help="also time (c): the fast path from CUDA graphs")
     return parser.parse_args()
 
 
@@ -213,9 +218,11 @@ def step_benchmark(label: str, model, step: Callable[[Dict[str, torch.Tensor]], 
     return result
 
 
-def finish_step_benchmark(result: Dict[str, Any], device: torch.device, repeats: int) -> Dict[str, Any]:
+def finish_step_benchmark(result: Dict[str, Any], device: torch.device, repeats: int,
+                          graph_step: Optional[Callable] = None) -> Dict[str, Any]:
     """Add the fast path (b) to a ``step_benchmark`` result: SDPA, the prompt encoded once, and on
-    a CPU the allocator keeping freed activations (enabled by ``main`` before the first call)."""
+    a CPU the allocator keeping freed activations (enabled by ``main`` before the first call);
+    and (c), ``graph_step`` (the same step from a CUDA graph), when given."""
     model, step, kwargs = result.pop("model"), result.pop("step"), result.pop("kwargs")
     with torch.no_grad():
         model.use_fast_attention(True)
@@ -223,6 +230,13 @@ def finish_step_benchmark(result: Dict[str, Any], device: torch.device, repeats:
             step(kwargs)  # warm-up; encodes the prompt once
             result["fast_s"], fast_out = timed(lambda: step(kwargs), repeats, device)
         result["fast_memory"] = memory
+        if graph_step is not None:
+            with PeakMemory(device) as memory:
+                graph_step(kwargs)  # records the graph
+                result["graph_s"], graph_out = timed(lambda: graph_step(kwargs), repeats, device)
+            result["graph_memory"] = memory
+            result["graph_flops"] = result["plain_flops"]  # the graph runs the text transformer too
+            result["graph_diff"] = (graph_out.float() - fast_out.float()).abs().max().item()
     plain_out = result.pop("plain_out")
     diff = (plain_out.float() - fast_out.float()).abs().max().item()
     result["max_abs_diff"] = diff
@@ -236,27 +250,32 @@ def print_step_results(results: List[Dict[str, Any]], gemm: float) -> None:
     header = f"{'':<34}{'s/step':>10}{'GFLOP':>10}{'GFLOP/s':>10}{'of GEMM':>9}  peak memory"
     print(header)
     for r in results:
-        for path in ("plain", "fast"):
+        for path, letter in (("plain", "a"), ("fast", "b"), ("graph", "c")):
+            if f"{path}_s" not in r:
+                continue
             seconds, flops = r[f"{path}_s"], r[f"{path}_flops"]
-            name = f"{r['label']} ({'a' if path == 'plain' else 'b'}) {path}"
+            name = f"{r['label']} ({letter}) {path}"
             print(f"{name:<34}{seconds:>10.4f}{flops / 1e9:>10.1f}{flops / seconds / 1e9:>10.1f}"
                   f"{flops / seconds / gemm:>8.0%}  {r[f'{path}_memory']}")
         print(f"{'':<4}speed-up (a)/(b) {r['plain_s'] / r['fast_s']:.2f}x; max |a - b| {r['max_abs_diff']:.2e} "
               f"({r['rel_diff']:.1e} of max |a|); all finite: {r['finite']}; "
               f"text encoder {r['text_s']:.4f} s once per image on (b)")
+        if "graph_s" in r:
+            print(f"{'':<4}CUDA graph (c) vs (b): {r['fast_s'] / r['graph_s']:.2f}x; max |c - b| {r['graph_diff']:.2e}")
 
 
 # ---------------------------------------------------------------------- whole images
 
 
-def image_settings(base_steps: int, upsample_steps: int) -> List[Dict[str, Any]]:
-    settings = [
-        dict(name="notebook (a) plain", path="plain", base="ancestral", base_steps=100, up="ddim_fast27", up_steps=27),
-        dict(name="notebook (b) fast", path="fast", base="ancestral", base_steps=100, up="ddim_fast27", up_steps=27),
-    ]
-    for sampler in SAMPLERS:
-        settings.append(dict(name=f"{sampler} (b) fast", path="fast", base=sampler, base_steps=base_steps,
-                             up=sampler, up_steps=upsample_steps))
+def image_settings(base_steps: int, upsample_steps: int, cuda_graphs: bool) -> List[Dict[str, Any]]:
+    notebook = dict(base="ancestral", base_steps=100, up="ddim_fast27", up_steps=27)
+    settings = [dict(notebook, name="notebook (a) plain", path="plain"), dict(notebook, name="notebook (b) fast", path="fast")]
+    if cuda_graphs:
+        settings.append(dict(notebook, name="notebook (c) graphs", path="graph"))
+    for path, letter in (("fast", "b"), ("graph", "c")) if cuda_graphs else (("fast", "b"),):
+        for sampler in SAMPLERS:
+            settings.append(dict(name=f"{sampler} ({letter}) {path}", path=path, base=sampler, base_steps=base_steps,
+                                 up=sampler, up_steps=upsample_steps))
     return settings
 
 
@@ -282,6 +301,8 @@ def generate_image(setting: Dict[str, Any], base, base_options, up, up_options, 
     if setting["path"] == "plain":
         base, up = uncached(base), uncached(up)
     model_fn = model_fn or ClassifierFreeGuidance(base, GUIDANCE_SCALE)
+    if setting["path"] == "graph":
+        model_fn, up = CUDAGraphStep(model_fn), CUDAGraphStep(up)
     base_shape = (2, 3, base_size, base_size)
     base_noise = torch.randn(base_shape, generator=generator, device=device)
     if setting["base"] == "ancestral":
@@ -328,11 +349,11 @@ def image_benchmark(args, base, base_options, up, up_options, steps: Dict[str, D
           "the sampler's own arithmetic, timed with a zero-cost stand-in model") + ")")
     print(f"{'setting':<26}{'base':>18}{'upsampler':>18}{'s/image':>11}{'vs notebook (a)':>17}")
     reference = None
-    for setting in image_settings(args.base_steps, args.upsample_steps):
+    for setting in image_settings(args.base_steps, args.upsample_steps, args.cuda_graphs):
         path = setting["path"]
         with torch.no_grad():
-            base.use_fast_attention(path == "fast")
-            up.use_fast_attention(path == "fast")
+            base.use_fast_attention(path != "plain")
+            up.use_fast_attention(path != "plain")
             if args.full_image:
                 seconds, image = timed(lambda: generate_image(setting, base, base_options, up, up_options, device,
                                                               generator), 1, device)
@@ -391,7 +412,14 @@ def main() -> None:
     # freed activation memory (what the pipelines enable on a CPU) applies from here on.
     if device.type == "cpu":
         print(f"allocator keeps freed memory from here on: {retain_freed_memory()}")
-    steps = {name: finish_step_benchmark(result, device, args.repeats) for name, result in steps.items()}
+    if args.cuda_graphs and device.type != "cuda":
+        raise SystemExit("--cuda-graphs needs --device cuda")
+    graph_steps = {}
+    if args.cuda_graphs:
+        graphed_base, graphed_up = CUDAGraphStep(model_fn), CUDAGraphStep(up)
+        graph_steps = {"base": lambda kw: graphed_base(base_x, base_t, **kw), "upsample": lambda kw: graphed_up(up_x, up_t, **kw)}
+    steps = {name: finish_step_benchmark(result, device, args.repeats, graph_steps.get(name))
+             for name, result in steps.items()}
     print_step_results(list(steps.values()), gemm)
     image_benchmark(args, base, base_options, up, up_options, steps, device)
 

@@ -169,6 +169,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser, base: str, upsampler: 
     group.add_argument("--no-upsample", action="store_true", help="stop at the 64x64 base images")
     group.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best available)")
     group.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float16 on CUDA, else float32)")
+    group.add_argument(
+        "--cuda-graphs", action="store_true", help="replay every sampling step from a CUDA graph (CUDA only; faster)"
+    )
     parser.set_defaults(default_checkpoints=dict(base_checkpoint=base, upsample_checkpoint=upsampler))
 
 
@@ -354,6 +357,10 @@ def _sample_and_write(args, prompts, load, call_kwargs, extra_settings, indices,
     upsampler = None if args.no_upsample else args.upsample_checkpoint
     show_progress = show_progress and not args.quiet
     pipe = load(args, device, upsampler, show_progress)
+    if args.cuda_graphs:
+        if pipe.device.type != "cuda":
+            raise CommandError(f"--cuda-graphs needs a CUDA device; the models are on {pipe.device}")
+        pipe.cuda_graphs = True
     seed = args.seed if args.seed is not None else _random_seed()
     settings = dict(
         command=args.command,

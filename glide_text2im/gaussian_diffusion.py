@@ -2,9 +2,17 @@
 
 The forward process adds noise, ``q(x_t | x_0) = N(sqrt(alphas_cumprod_t) x_0,
 (1 - alphas_cumprod_t) I)``; the model predicts the noise ``eps`` and an interpolation
-weight ``v`` between the smallest and largest sensible reverse-process variances. Images are
+weight between the smallest and largest sensible reverse-process variances. Images are
 ``[N x C x H x W]`` tensors in ``[-1, 1]``; model outputs are ``[N x 2C x H x W]``
-(``eps`` in the first ``C`` channels, ``v`` in ``[-1, 1]`` in the last ``C``).
+(the mean prediction in the first ``C`` channels, the variance weight in ``[-1, 1]`` in the
+last ``C``).
+
+The mean prediction is ``eps`` for every official GLIDE model (``prediction="eps"``). With
+``prediction="v"`` it is the velocity of Salimans & Ho (2022), ``v = sqrt(alphas_cumprod_t) eps
+- sqrt(1 - alphas_cumprod_t) x_0``: at high noise that is about ``-x_0``, so a small network does
+not have to copy ``x_t`` through to its output to predict ``eps``. The diffusion turns it into
+``eps = sqrt(alphas_cumprod_t) v + sqrt(1 - alphas_cumprod_t) x_t`` before anything else, so
+samplers, guidance and inpainting see eps either way.
 
 Every schedule array is a float64 NumPy array. Values gathered for a batch of timesteps are
 float32 tensors on the timesteps' device, cut from a per-device float32 copy of each array
@@ -38,6 +46,8 @@ Model = Callable[..., torch.Tensor]
 # cond_fn(x_t, t, **model_kwargs) -> gradient of log p(y | x_t), shaped like x_t
 CondFn = Callable[..., torch.Tensor]
 DenoisedFn = Callable[[torch.Tensor], torch.Tensor]
+
+PREDICTIONS = ("eps", "v")
 
 COEFFICIENT_ARRAYS = (
     "betas",
@@ -138,6 +148,23 @@ def split_model_output(model_output: torch.Tensor, x: torch.Tensor) -> Tuple[tor
     return torch.split(model_output, channels, dim=1)
 
 
+def eps_from_prediction(
+    prediction: str, mean_output: torch.Tensor, x_t: torch.Tensor, alpha_cumprod: Union[float, torch.Tensor]
+) -> torch.Tensor:
+    """The eps of a model's mean channels (``prediction`` "eps" or "v"), all shaped like x_t.
+
+    ``alpha_cumprod``: alphas_cumprod_t as a float or a tensor that broadcasts against x_t.
+    For "v": eps = sqrt(alphas_cumprod) v + sqrt(1 - alphas_cumprod) x_t.
+    """
+    if prediction == "eps":
+        return mean_output
+    if prediction == "v":
+        if isinstance(alpha_cumprod, torch.Tensor):
+            return alpha_cumprod.sqrt() * mean_output + (1 - alpha_cumprod).sqrt() * x_t
+        return math.sqrt(alpha_cumprod) * mean_output + math.sqrt(1 - alpha_cumprod) * x_t
+    raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
+
+
 def _last(steps: Iterator[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
     """The last item of a sampling loop's steps."""
     out = None
@@ -169,9 +196,14 @@ class GaussianDiffusion:
     """A diffusion process with T = len(betas) steps and its samplers.
 
     :param betas: float64 [T], each in (0, 1]; step t adds noise of variance betas[t].
+    :param prediction: what the model's mean channels predict, "eps" (every official model)
+        or "v" (see the module docstring).
     """
 
-    def __init__(self, *, betas: Union[np.ndarray, Sequence[float]]):
+    def __init__(self, *, betas: Union[np.ndarray, Sequence[float]], prediction: str = "eps"):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
+        self.prediction = prediction
         betas = np.array(betas, dtype=np.float64)
         if betas.ndim != 1 or len(betas) < 2:
             raise ValueError(f"betas must be a 1-D array of at least 2 steps, got shape {betas.shape}")
@@ -280,6 +312,16 @@ class GaussianDiffusion:
             self._extract("sqrt_recip_alphas_cumprod", t, x_t.ndim) * x_t - pred_xstart
         ) / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.ndim)
 
+    def split_output(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A model's output [N x 2C x ...] at (x_t, t) -> (eps, variance values), each like x_t."""
+        mean_output, model_var_values = split_model_output(model_output, x_t)
+        if self.prediction == "eps":
+            return mean_output, model_var_values
+        alpha_cumprod = self._extract("alphas_cumprod", t, x_t.ndim)
+        return eps_from_prediction(self.prediction, mean_output, x_t, alpha_cumprod), model_var_values
+
     # ------------------------------------------------------------------ reverse process
 
     def p_mean_variance(
@@ -308,7 +350,7 @@ class GaussianDiffusion:
         clip_denoised: bool,
         denoised_fn: Optional[DenoisedFn],
     ) -> Dict[str, torch.Tensor]:
-        eps, model_var_values = split_model_output(model_output, x)
+        eps, model_var_values = self.split_output(model_output, x, t)
 
         # Learned range (Nichol & Dhariwal eq. 15): log-space interpolation between the
         # posterior variance (v = -1) and beta_t (v = 1).
@@ -615,19 +657,27 @@ class GaussianDiffusion:
 
         x_start [N x C x ...] in [-1, 1]; t [N] timesteps; ``noise`` defaults to one
         ``torch.randn_like(x_start)`` draw. Returns [N] tensors: "mse" (mean squared error
-        of the predicted eps), "vb" (the variational-bound term of step t in bits per dim,
-        scaled by T / 1000; computed with the eps channels detached, so it trains only the
+        of the mean prediction: eps, or v = sqrt(alphas_cumprod) noise - sqrt(1 -
+        alphas_cumprod) x_start), "vb" (the variational-bound term of step t in bits per dim,
+        scaled by T / 1000; computed with the mean channels detached, so it trains only the
         variance channels) and "loss" = mse + vb.
         """
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise=noise)
         model_output = model(x_t, t, **(model_kwargs or {}))
-        eps, model_var_values = split_model_output(model_output, x_t)
+        mean_output, model_var_values = split_model_output(model_output, x_t)
+        if self.prediction == "v":
+            target = (
+                self._extract("sqrt_alphas_cumprod", t, x_t.ndim) * noise
+                - self._extract("sqrt_one_minus_alphas_cumprod", t, x_t.ndim) * x_start
+            )
+        else:
+            target = noise
 
-        frozen_mean_output = torch.cat([eps.detach(), model_var_values], dim=1)
+        frozen_mean_output = torch.cat([mean_output.detach(), model_var_values], dim=1)
         vb = self._vb_terms_bpd(frozen_mean_output, x_start, x_t, t) * (self.num_timesteps / 1000.0)
-        mse = mean_flat((noise - eps) ** 2)
+        mse = mean_flat((target - mean_output) ** 2)
         return {"mse": mse, "vb": vb, "loss": mse + vb}
 
     def _vb_terms_bpd(

@@ -78,11 +78,14 @@ def create_model_and_diffusion(
     super_res: bool,
     tokenizer: str = "bpe",
     norm_groups: int = 32,
+    prediction: str = "eps",
 ) -> Tuple[Text2ImUNet, SpacedDiffusion]:
     """Build the U-Net and its (respaced) diffusion from an options dict.
 
-    Beyond ``model_and_diffusion_defaults()``: ``tokenizer`` ("bpe" or "byte") and
-    ``norm_groups`` (GroupNorm groups; 32 in every official model).
+    Beyond ``model_and_diffusion_defaults()``: ``tokenizer`` ("bpe" or "byte"),
+    ``norm_groups`` (GroupNorm groups) and ``prediction`` (what the model's mean channels
+    predict, "eps" or "v"; see glide_text2im.gaussian_diffusion). Every official model has
+    "bpe", 32 and "eps".
     """
     model = create_model(
         image_size,
@@ -110,7 +113,10 @@ def create_model_and_diffusion(
         norm_groups=norm_groups,
     )
     diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps, noise_schedule=noise_schedule, timestep_respacing=timestep_respacing
+        steps=diffusion_steps,
+        noise_schedule=noise_schedule,
+        timestep_respacing=timestep_respacing,
+        prediction=prediction,
     )
     return model, diffusion
 
@@ -209,10 +215,16 @@ def create_model(
 
 
 def create_gaussian_diffusion(
-    steps: int = 1000, noise_schedule: str = "linear", timestep_respacing: Union[str, list] = ""
+    steps: int = 1000,
+    noise_schedule: str = "linear",
+    timestep_respacing: Union[str, list] = "",
+    prediction: str = "eps",
 ) -> SpacedDiffusion:
-    """The ``steps``-step diffusion with ``noise_schedule``, keeping the steps ``timestep_respacing`` names."""
+    """The ``steps``-step diffusion with ``noise_schedule``, keeping the steps ``timestep_respacing``
+    names, for a model whose mean channels predict ``prediction`` ("eps" or "v")."""
     betas = get_named_beta_schedule(noise_schedule, steps)
     if not timestep_respacing:
         timestep_respacing = [steps]
-    return SpacedDiffusion(use_timesteps=space_timesteps(steps, timestep_respacing), betas=betas)
+    return SpacedDiffusion(
+        use_timesteps=space_timesteps(steps, timestep_respacing), betas=betas, prediction=prediction
+    )

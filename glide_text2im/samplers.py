@@ -7,12 +7,13 @@ Every sampler has the same signature and returns a sample [shape] in [-1, 1] (wi
                   model_kwargs=None, denoised_fn=None, clip_denoised=True, device=None,
                   progress=False, callback=None, generator=None)
 
-- ``model(x_t, t, **model_kwargs)`` returns [N x 2C x H x W]: eps in the first C channels (the
-  variance values in the other C are not used). ``t`` [N] int64 holds ORIGINAL timesteps
+- ``model(x_t, t, **model_kwargs)`` returns [N x 2C x H x W]: eps (or v, for a diffusion with
+  ``prediction="v"``) in the first C channels (the variance values in the other C are not used). ``t`` [N] int64 holds ORIGINAL timesteps
   (0 .. 999), so a GLIDE U-Net, a classifier-free-guidance ``model_fn``, an inpainting or an
   upsampler model (``low_res`` in ``model_kwargs``) all plug in unchanged.
 - ``diffusion`` supplies the schedule only: its ``alphas_cumprod`` at its timesteps (the
-  original ones in ``timestep_map`` for a respaced diffusion). Its sampling loops are not used.
+  original ones in ``timestep_map`` for a respaced diffusion) and its ``prediction``. Its
+  sampling loops are not used.
 - The model is evaluated at ``timesteps`` (original timesteps, strictly decreasing) or else at
   ``get_timesteps(diffusion, steps)`` (``steps`` of them on the default grid; ``None``: every
   timestep of the diffusion): one network evaluation per timestep.
@@ -39,7 +40,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .gaussian_diffusion import GaussianDiffusion, split_model_output
+from .gaussian_diffusion import GaussianDiffusion, eps_from_prediction, split_model_output
 from .noise import NoiseGenerator, randn
 
 # model(x_t [N x C x ...], t [N] int64 original timesteps, **model_kwargs) -> [N x 2C x ...]
@@ -118,7 +119,7 @@ def sample_ddim(
     x, timesteps, alphas_cumprod = _start(model, diffusion, shape, steps, timesteps, noise, device, generator)
     last = len(timesteps) - 1
     for i in _iterate(timesteps, progress):
-        _, pred_xstart = _predict(model, x, timesteps[i], alphas_cumprod[i], model_kwargs, denoised_fn, clip_denoised)
+        _, pred_xstart = _predict(model, diffusion, x, timesteps[i], alphas_cumprod[i], model_kwargs, denoised_fn, clip_denoised)
         _report(callback, i, timesteps[i], x, pred_xstart)
         if i < last:
             x = _ddim_step(x, pred_xstart, alphas_cumprod[i], alphas_cumprod[i + 1])
@@ -154,7 +155,7 @@ def sample_plms(
     last = len(timesteps) - 1
     eps_history: List[torch.Tensor] = []
     for i in _iterate(timesteps, progress):
-        eps, pred_xstart = _predict(model, x, timesteps[i], alphas_cumprod[i], model_kwargs, denoised_fn, clip_denoised)
+        eps, pred_xstart = _predict(model, diffusion, x, timesteps[i], alphas_cumprod[i], model_kwargs, denoised_fn, clip_denoised)
         _report(callback, i, timesteps[i], x, pred_xstart)
         if i < last:
             eps_history = (eps_history + [eps])[-len(ADAMS_BASHFORTH) :]
@@ -197,7 +198,7 @@ def sample_dpmpp_2m(
     last = len(timesteps) - 1
     previous_xstart = None
     for i in _iterate(timesteps, progress):
-        _, pred_xstart = _predict(model, x, timesteps[i], alphas_cumprod[i], model_kwargs, denoised_fn, clip_denoised)
+        _, pred_xstart = _predict(model, diffusion, x, timesteps[i], alphas_cumprod[i], model_kwargs, denoised_fn, clip_denoised)
         _report(callback, i, timesteps[i], x, pred_xstart)
         if i < last:
             h = float(lambdas[i + 1] - lambdas[i])
@@ -290,6 +291,7 @@ def _iterate(timesteps: List[int], progress: bool):
 
 def _predict(
     model: Model,
+    diffusion: GaussianDiffusion,
     x: torch.Tensor,
     t: int,
     alpha_cumprod: float,
@@ -299,7 +301,8 @@ def _predict(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The model's eps at (x, t) and the x_0 it implies after ``denoised_fn`` and the clamp."""
     t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-    eps, _ = split_model_output(model(x, t_batch, **(model_kwargs or {})), x)
+    mean_output, _ = split_model_output(model(x, t_batch, **(model_kwargs or {})), x)
+    eps = eps_from_prediction(diffusion.prediction, mean_output, x, alpha_cumprod)
     pred_xstart = _process_xstart(_xstart_from_eps(x, eps, alpha_cumprod), denoised_fn, clip_denoised)
     return eps, pred_xstart
 

@@ -10,6 +10,7 @@ from glide_text2im.gaussian_diffusion import (
     COEFFICIENT_ARRAYS,
     GaussianDiffusion,
     betas_for_alpha_bar,
+    eps_from_prediction,
     get_named_beta_schedule,
 )
 from glide_text2im.respace import SpacedDiffusion, space_timesteps
@@ -325,3 +326,81 @@ def test_shifted_cosine_divides_the_cosine_snr_by_the_squared_shift():
     for bad in ("squaredcos_shift_", "squaredcos_shift_0", "squaredcos_shift_-2", "squaredcos_shift_x"):
         with pytest.raises(ValueError, match="squaredcos_shift_<s>"):
             get_named_beta_schedule(bad, 1000)
+
+
+# ---------------------------------------------------------------------- v-prediction
+
+
+def v_of(eps_model, diffusion):
+    """The v-prediction model that makes the same eps as ``eps_model`` on ``diffusion``:
+    v = (eps - sqrt(1 - alphas_cumprod) x_t) / sqrt(alphas_cumprod), computed in float64."""
+
+    def model(x, t, **kwargs):
+        out = eps_model(x, t, **kwargs)
+        eps, rest = out[:, :3].double(), out[:, 3:]
+        abar = torch.from_numpy(diffusion.alphas_cumprod)[t].view(-1, 1, 1, 1)
+        v = (eps - (1 - abar).sqrt() * x.double()) / abar.sqrt()
+        return torch.cat([v.float(), rest], dim=1)
+
+    return model
+
+
+def test_eps_from_prediction_inverts_the_definition_of_v():
+    generator = torch.Generator().manual_seed(0)
+    x0, eps = (torch.randn(2, 3, 4, 4, generator=generator, dtype=torch.float64) for _ in range(2))
+    for abar in (0.999, 0.5, 1e-4):
+        alpha, sigma = math.sqrt(abar), math.sqrt(1 - abar)
+        x_t, v = alpha * x0 + sigma * eps, alpha * eps - sigma * x0
+        torch.testing.assert_close(eps_from_prediction("v", v, x_t, abar), eps, rtol=0, atol=1e-12)
+        torch.testing.assert_close(eps_from_prediction("v", v, x_t, torch.tensor(abar, dtype=torch.float64)), eps)
+        assert eps_from_prediction("eps", eps, x_t, abar) is eps
+    with pytest.raises(ValueError, match="unknown prediction 'x0'"):
+        eps_from_prediction("x0", eps, x_t, 0.5)
+    with pytest.raises(ValueError, match="unknown prediction 'x0'; expected one of"):
+        GaussianDiffusion(betas=np.linspace(1e-4, 0.02, 10), prediction="x0")
+
+
+@pytest.mark.parametrize("respacing", ["", "25"])
+def test_a_v_model_gives_the_mean_and_pred_xstart_of_its_eps_model(respacing):
+    eps_diffusion = build_diffusion("squaredcos_cap_v2", respacing)
+    v_diffusion = SpacedDiffusion(
+        use_timesteps=eps_diffusion.use_timesteps, betas=get_named_beta_schedule("squaredcos_cap_v2", 1000),
+        prediction="v",
+    )
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0, len(eps_diffusion.timestep_map) // 2, len(eps_diffusion.timestep_map) - 1])
+    # The model sees original timesteps; v_of needs the alphas_cumprod of those.
+    original = build_diffusion("squaredcos_cap_v2")
+    want = eps_diffusion.p_mean_variance(fake_model, x, t, clip_denoised=False)
+    got = v_diffusion.p_mean_variance(v_of(fake_model, original), x, t, clip_denoised=False)
+    for key in ("mean", "pred_xstart", "log_variance"):
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=2e-4)
+
+
+def test_v_training_loss_is_the_mse_to_the_hand_computed_v_target():
+    diffusion = SpacedDiffusion(
+        use_timesteps=range(1000), betas=get_named_beta_schedule("linear", 1000), prediction="v"
+    )
+    generator = torch.Generator().manual_seed(2)
+    x_start = torch.rand(2, 3, 4, 4, generator=generator) * 2 - 1
+    noise = torch.randn(2, 3, 4, 4, generator=generator)
+    t = torch.tensor([10, 900])
+    abar = torch.from_numpy(diffusion.alphas_cumprod)[t].float().view(-1, 1, 1, 1)
+    v_target = abar.sqrt() * noise - (1 - abar).sqrt() * x_start
+
+    def zero_model(x, t, **_kwargs):
+        return torch.zeros(x.shape[0], 6, *x.shape[2:])
+
+    def exact_model(x, t, **_kwargs):
+        return torch.cat([v_target, torch.zeros_like(x)], dim=1)
+
+    losses = diffusion.training_losses(zero_model, x_start, t, noise=noise)
+    torch.testing.assert_close(losses["mse"], v_target.pow(2).mean(dim=(1, 2, 3)))
+    assert diffusion.training_losses(exact_model, x_start, t, noise=noise)["mse"].abs().max() < 1e-12
+    # The exact v is the exact eps too: the vb term equals the eps model's.
+    eps_diffusion = build_diffusion("linear")
+    eps_vb = eps_diffusion.training_losses(
+        lambda x, t: torch.cat([noise, torch.zeros_like(x)], dim=1), x_start, t, noise=noise
+    )["vb"]
+    torch.testing.assert_close(diffusion.training_losses(exact_model, x_start, t, noise=noise)["vb"], eps_vb,
+                               rtol=1e-3, atol=1e-5)

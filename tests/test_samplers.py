@@ -469,3 +469,20 @@ def test_samplers_are_registered_by_name_and_run_without_grad():
 def test_progress_bar_runs(capsys):
     sample_ddim(affine_eps_model, build_diffusion("linear"), (1, 3, 4, 4), steps=3, progress=True)
     assert "3/3" in capsys.readouterr().err
+
+
+@sampler_params
+@pytest.mark.parametrize("name", ["cfg", "inpaint", "upsample"])
+def test_a_v_prediction_model_samples_like_its_eps_model(sampler, name):
+    from glide_text2im.model_creation import create_gaussian_diffusion
+    from tests.test_gaussian_diffusion import v_of
+
+    model_fn, diffusion, shape, kwargs, denoised_fn = scenario(name)
+    v_diffusion = create_gaussian_diffusion(1000, "linear" if name == "upsample" else "squaredcos_cap_v2", prediction="v")
+    assert v_diffusion.prediction == "v" and np.allclose(v_diffusion.alphas_cumprod, diffusion.alphas_cumprod)
+    noise = start_noise(shape)
+    with torch.no_grad():
+        want = sampler(model_fn, diffusion, shape, steps=6, noise=noise, model_kwargs=kwargs, denoised_fn=denoised_fn)
+        got = sampler(v_of(model_fn, diffusion), v_diffusion, shape, steps=6, noise=noise, model_kwargs=kwargs,
+                      denoised_fn=denoised_fn)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-4)

@@ -58,7 +58,7 @@ DTYPES = {
 }
 
 _OPTION_NAMES = tuple(inspect.signature(create_model_and_diffusion).parameters)
-_OPTIONAL_OPTIONS = ("tokenizer", "norm_groups")
+_OPTIONAL_OPTIONS = ("tokenizer", "norm_groups", "prediction")
 
 
 class PromptTooLongError(ValueError):
@@ -214,6 +214,7 @@ class LoadedModel:
                 steps=self.options["diffusion_steps"],
                 noise_schedule=self.options["noise_schedule"],
                 timestep_respacing=respacing,
+                prediction=self.options.get("prediction", "eps"),
             )
         return self._diffusions[respacing]
 

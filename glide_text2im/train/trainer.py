@@ -20,8 +20,8 @@ Only rank 0 writes files.
 Output folder:
 
 - U-Nets: ``model.pt``, the EMA weights as a plain state dict, and ``model.pt.json``, the
-  options that rebuild it (``model_and_diffusion_defaults()`` keys plus ``tokenizer``), the
-  sidecar the pipelines load;
+  options that rebuild it (``model_and_diffusion_defaults()`` keys plus ``tokenizer``,
+  ``norm_groups`` and ``prediction``), the sidecar the pipelines load;
 - CLIP: ``clip_image_enc.pt`` and ``clip_text_enc.pt`` (EMA state dicts) and the config
   sidecar ``clip_image_enc.pt.yaml``;
 - ``state.pt``: everything needed to resume (weights, EMA, optimiser, loss scaler, step,
@@ -253,8 +253,8 @@ class DiffusionTask:
 
     :param model: the U-Net (float32 weights).
     :param diffusion: the full training chain (no respacing).
-    :param options: ``model_and_diffusion_defaults()``-style options plus ``tokenizer``; saved
-        beside the weights.
+    :param options: ``model_and_diffusion_defaults()``-style options plus ``tokenizer``,
+        ``norm_groups`` and ``prediction``; saved beside the weights.
     """
 
     terms = ("loss", "mse", "vb")
@@ -334,6 +334,7 @@ class DiffusionTask:
             steps=self.options["diffusion_steps"],
             noise_schedule=self.options["noise_schedule"],
             timestep_respacing=config.sample_steps,
+            prediction=self.options.get("prediction", "eps"),
         )
         generator = torch.Generator(device).manual_seed(config.seed)
         noise = torch.randn((count, 3, size, size), generator=generator, device=device).repeat(2, 1, 1, 1)
@@ -452,11 +453,12 @@ Task = Union[DiffusionTask, CLIPTask]
 
 def default_options(kind: str) -> Dict[str, Any]:
     """The official options a task starts from: the base model's for "base" and "inpaint",
-    the upsampler's for "upsample"; ``tokenizer`` is "bpe" and ``norm_groups`` 32."""
+    the upsampler's for "upsample"; ``tokenizer`` is "bpe", ``norm_groups`` 32 and
+    ``prediction`` "eps"."""
     if kind not in TASKS[:3]:
         raise ValueError(f"unknown U-Net task {kind!r}; expected one of {TASKS[:3]}")
     options = model_and_diffusion_defaults_upsampler() if kind == "upsample" else model_and_diffusion_defaults()
-    return dict(options, tokenizer="bpe", norm_groups=32)
+    return dict(options, tokenizer="bpe", norm_groups=32, prediction="eps")
 
 
 def official_options(name: str) -> Dict[str, Any]:
@@ -590,6 +592,7 @@ def build_diffusion_task(
 
     build = dict(options)
     tokenizer = build.pop("tokenizer")
+    prediction = build.pop("prediction", "eps")
     for key in ("diffusion_steps", "noise_schedule", "timestep_respacing"):
         build.pop(key)
     # Train float32 weights (autocast does the mixed precision) and never cache text embeddings.
@@ -597,7 +600,9 @@ def build_diffusion_task(
     model = create_model(**build, tokenizer=tokenizer, use_checkpoint=use_checkpoint)
     if state_dict is not None:
         load_unet_weights(model, state_dict)
-    diffusion = create_gaussian_diffusion(steps=options["diffusion_steps"], noise_schedule=options["noise_schedule"])
+    diffusion = create_gaussian_diffusion(
+        steps=options["diffusion_steps"], noise_schedule=options["noise_schedule"], prediction=prediction
+    )
     return DiffusionTask(kind, model, diffusion, options)
 
 

@@ -281,3 +281,17 @@ def test_cosine_learning_rate_schedule_warms_up_then_decays_to_zero(tmp_path):
     assert constant.learning_rate(109) == 1e-3
     with pytest.raises(ValueError, match="lr_schedule"):
         TrainConfig(steps=1, lr_schedule="linear")
+
+
+def test_prediction_option_reaches_the_training_diffusion_and_the_sidecar(tmp_path):
+    task = tiny_task("base", prediction="v")
+    assert task.diffusion.prediction == "v" and task.options["prediction"] == "v"
+    assert tiny_task("base").diffusion.prediction == "eps"
+    config = TrainConfig(steps=1, batch_size=2, log_every=1, save_every=1)
+    Trainer(task, shape_images(), tmp_path, config).train()
+    options = checkpoint_options(str(tmp_path / "model.pt"))
+    assert options["prediction"] == "v"
+    _, diffusion = create_model_and_diffusion(**options)
+    assert diffusion.prediction == "v"
+    with pytest.raises(ValueError, match="unknown prediction 'x0'"):
+        tiny_task("base", prediction="x0")
