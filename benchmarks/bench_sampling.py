@@ -375,6 +375,8 @@ def image_benchmark(args, base, base_options, up, up_options, steps: Dict[str, D
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
+    if args.cuda_graphs and device.type != "cuda":
+        raise SystemExit("--cuda-graphs needs --device cuda")
     dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -412,8 +414,6 @@ def main() -> None:
     # freed activation memory (what the pipelines enable on a CPU) applies from here on.
     if device.type == "cpu":
         print(f"allocator keeps freed memory from here on: {retain_freed_memory()}")
-    if args.cuda_graphs and device.type != "cuda":
-        raise SystemExit("--cuda-graphs needs --device cuda")
     graph_steps = {}
     if args.cuda_graphs:
         graphed_base, graphed_up = CUDAGraphStep(model_fn), CUDAGraphStep(up)

@@ -83,10 +83,12 @@ def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) ->
         return betas_for_alpha_bar(num_diffusion_timesteps, cosine_alpha_bar)
     shift = _cosine_shift(schedule_name)
     if shift is not None:
-        return betas_for_alpha_bar(
-            num_diffusion_timesteps,
-            lambda tau: cosine_alpha_bar(tau) / (cosine_alpha_bar(tau) + shift**2 * (1 - cosine_alpha_bar(tau))),
-        )
+
+        def shifted_alpha_bar(tau: float) -> float:
+            alpha_bar = cosine_alpha_bar(tau)
+            return alpha_bar / (alpha_bar + shift**2 * (1 - alpha_bar))
+
+        return betas_for_alpha_bar(num_diffusion_timesteps, shifted_alpha_bar)
     raise ValueError(
         f"unknown beta schedule {schedule_name!r}: expected 'linear', 'squaredcos_cap_v2' or "
         "'squaredcos_shift_<s>' with a number s > 0"

@@ -8,9 +8,10 @@ Every sampler has the same signature and returns a sample [shape] in [-1, 1] (wi
                   progress=False, callback=None, generator=None)
 
 - ``model(x_t, t, **model_kwargs)`` returns [N x 2C x H x W]: eps (or v, for a diffusion with
-  ``prediction="v"``) in the first C channels (the variance values in the other C are not used). ``t`` [N] int64 holds ORIGINAL timesteps
-  (0 .. 999), so a GLIDE U-Net, a classifier-free-guidance ``model_fn``, an inpainting or an
-  upsampler model (``low_res`` in ``model_kwargs``) all plug in unchanged.
+  ``prediction="v"``) in the first C channels (the variance values in the other C are not
+  used). ``t`` [N] int64 holds ORIGINAL timesteps (0 .. 999), so a GLIDE U-Net, a
+  classifier-free-guidance ``model_fn``, an inpainting or an upsampler model (``low_res`` in
+  ``model_kwargs``) all plug in unchanged.
 - ``diffusion`` supplies the schedule only: its ``alphas_cumprod`` at its timesteps (the
   original ones in ``timestep_map`` for a respaced diffusion) and its ``prediction``. Its
   sampling loops are not used.
@@ -119,7 +120,9 @@ def sample_ddim(
     x, timesteps, alphas_cumprod = _start(model, diffusion, shape, steps, timesteps, noise, device, generator)
     last = len(timesteps) - 1
     for i in _iterate(timesteps, progress):
-        _, pred_xstart = _predict(model, diffusion, x, timesteps[i], alphas_cumprod[i], model_kwargs, denoised_fn, clip_denoised)
+        _, pred_xstart = _predict(
+            model, diffusion, x, timesteps[i], alphas_cumprod[i], model_kwargs, denoised_fn, clip_denoised
+        )
         _report(callback, i, timesteps[i], x, pred_xstart)
         if i < last:
             x = _ddim_step(x, pred_xstart, alphas_cumprod[i], alphas_cumprod[i + 1])
@@ -155,7 +158,9 @@ def sample_plms(
     last = len(timesteps) - 1
     eps_history: List[torch.Tensor] = []
     for i in _iterate(timesteps, progress):
-        eps, pred_xstart = _predict(model, diffusion, x, timesteps[i], alphas_cumprod[i], model_kwargs, denoised_fn, clip_denoised)
+        eps, pred_xstart = _predict(
+            model, diffusion, x, timesteps[i], alphas_cumprod[i], model_kwargs, denoised_fn, clip_denoised
+        )
         _report(callback, i, timesteps[i], x, pred_xstart)
         if i < last:
             eps_history = (eps_history + [eps])[-len(ADAMS_BASHFORTH) :]
@@ -198,7 +203,9 @@ def sample_dpmpp_2m(
     last = len(timesteps) - 1
     previous_xstart = None
     for i in _iterate(timesteps, progress):
-        _, pred_xstart = _predict(model, diffusion, x, timesteps[i], alphas_cumprod[i], model_kwargs, denoised_fn, clip_denoised)
+        _, pred_xstart = _predict(
+            model, diffusion, x, timesteps[i], alphas_cumprod[i], model_kwargs, denoised_fn, clip_denoised
+        )
         _report(callback, i, timesteps[i], x, pred_xstart)
         if i < last:
             h = float(lambdas[i + 1] - lambdas[i])

@@ -283,7 +283,7 @@ class DiffusionPipeline:
             if self.device.type != "cuda":
                 raise ValueError(f"cuda_graphs needs a CUDA device; this pipeline is on {self.device}")
             model = CUDAGraphStep(model)
-        model = network = FiniteWatch(model)
+        model = FiniteWatch(model)
         noise_source = batch.noise(classifier_free)
         noise = None if noise_scale is None else noise_source.randn(shape, self.device) * noise_scale
 
@@ -302,7 +302,7 @@ class DiffusionPipeline:
             cond_fn=cond_fn,
             callback=on_step,
         )[:rows]
-        if not network.all_finite():
+        if not model.all_finite():
             raise NonFiniteOutputError(non_finite_message(loaded.model.dtype))
         return sample
 
