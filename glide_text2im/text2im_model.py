@@ -64,7 +64,11 @@ class Text2ImUNet(UNetModel):
         n_vocab = tokenizer.n_vocab if tokenizer is not None else _BPE_N_VOCAB
         self.transformer = Transformer(text_ctx, xf_width, xf_layers, xf_heads)
         self.final_ln = LayerNorm(xf_width) if xf_final_ln else None
+        # Token embeddings start as small as the positional ones (CLIP's init): with
+        # nn.Embedding's unit variance the positions are drowned out and a model trained from
+        # scratch reads its prompt as an unordered bag of tokens.
         self.token_embedding = nn.Embedding(n_vocab, xf_width)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
         self.positional_embedding = nn.Parameter(torch.randn(text_ctx, xf_width) * 0.01)
         if self.xf_padding:
             self.padding_embedding = nn.Parameter(torch.randn(text_ctx, xf_width) * 0.01)

@@ -120,13 +120,14 @@ CLIP_CONFIG: Dict[str, Any] = dict(
 )
 
 # Measured for the shipped weights on the project's 2-core CPU (both cores, nothing else
-# running): base 2595 s, upsample 204 s, inpaint 197 s, clip 112 s; 51.8 min in all. With
-# v-prediction the upsampler meets its target (round-trip MAE 0.012) and the base learns the
-# background colour (0.69 of held-out prompts), but by step 4500 it does not yet draw the
-# shape's colour, class or position (0.28, 0.30, 0.17; see tests/demo/test_demo_models.py).
-# In GPU trials of the same length, a larger text transformer, lr 2e-3, batch 32 x 2250 steps,
-# a narrower U-Net or attention at 32 x 32 did no better; the shapes are small, so what their
-# colour and place add to the loss is small beside the background's.
+# running): base 2443 s, upsample 230 s, inpaint 248 s, clip 133 s; 50.9 min in all. With
+# v-prediction the upsampler meets its target (round-trip MAE 0.013) and the base learns the
+# background colour (0.78 of held-out prompts), but by step 4500 it does not yet draw the
+# shape's colour, class or position (0.17, 0.39, 0.125; see tests/demo/test_demo_models.py):
+# at high noise its prediction is the same five-place prior whatever the prompt says. In GPU
+# trials of the same length, a larger text transformer, lr 2e-3, batch 32 x 2250 steps, a
+# narrower U-Net or attention at 32 x 32 did no better; nor, on this CPU, did weighting the
+# loss towards the region a caption names, or captions naming only the position.
 STAGE_RECIPES: Dict[str, Stage] = {
     "base": Stage(
         num_examples=20000,
