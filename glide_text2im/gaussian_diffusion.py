@@ -161,9 +161,7 @@ def eps_from_prediction(
     if prediction == "eps":
         return mean_output
     if prediction == "v":
-        if isinstance(alpha_cumprod, torch.Tensor):
-            return alpha_cumprod.sqrt() * mean_output + (1 - alpha_cumprod).sqrt() * x_t
-        return math.sqrt(alpha_cumprod) * mean_output + math.sqrt(1 - alpha_cumprod) * x_t
+        return alpha_cumprod**0.5 * mean_output + (1 - alpha_cumprod) ** 0.5 * x_t
     raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
 
 

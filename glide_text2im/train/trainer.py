@@ -334,7 +334,7 @@ class DiffusionTask:
             steps=self.options["diffusion_steps"],
             noise_schedule=self.options["noise_schedule"],
             timestep_respacing=config.sample_steps,
-            prediction=self.options.get("prediction", "eps"),
+            prediction=self.options["prediction"],
         )
         generator = torch.Generator(device).manual_seed(config.seed)
         noise = torch.randn((count, 3, size, size), generator=generator, device=device).repeat(2, 1, 1, 1)
@@ -592,7 +592,7 @@ def build_diffusion_task(
 
     build = dict(options)
     tokenizer = build.pop("tokenizer")
-    prediction = build.pop("prediction", "eps")
+    prediction = build.pop("prediction")
     for key in ("diffusion_steps", "noise_schedule", "timestep_respacing"):
         build.pop(key)
     # Train float32 weights (autocast does the mixed precision) and never cache text embeddings.
