@@ -5,7 +5,7 @@ timestep-embedding width, is added to the timestep embedding, and all positions 
 context that every attention layer of the U-Net also attends to.
 """
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -96,6 +96,16 @@ class Text2ImUNet(UNetModel):
         if self.xf_width:
             for module in (self.transformer, self.transformer_proj, self.token_embedding):
                 module.apply(convert_linear_to_f32)
+
+    def text_encoder_parameters(self) -> List[nn.Parameter]:
+        """The prompt encoder's weights up to ``transformer_proj`` (exclusive): the token,
+        positional and padding embeddings, the transformer and its final LayerNorm; none
+        without text conditioning."""
+        if not self.xf_width:
+            return []
+        modules = [self.token_embedding, self.transformer] + ([self.final_ln] if self.final_ln is not None else [])
+        params = [p for module in modules for p in module.parameters()] + [self.positional_embedding]
+        return params + ([self.padding_embedding] if self.xf_padding else [])
 
     def del_cache(self) -> None:
         """Forget the cached text embedding."""

@@ -53,6 +53,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: no clipping)")
     add("--ema-rate", type=float, default=d.ema_rate, help="EMA decay of the saved weights")
     add("--precision", choices=PRECISIONS, default=d.precision, help="autocast precision (fp16 needs CUDA)")
+    add("--freeze-text-encoder", action="store_true", help="U-Nets: keep the prompt encoder's weights fixed "
+        "(all of it but transformer_proj), e.g. when fine-tuning")  # fmt: skip
     add("--grad-checkpoint", action="store_true", help="gradient checkpointing (U-Nets; less memory, more compute)")
     add("--uncond-prob", type=float, default=d.uncond_prob, help="probability of the empty caption (U-Nets)")
     add("--seed", type=int, default=d.seed, help="seed of the weights, the data order and each example's draws")
@@ -142,6 +144,7 @@ def build_trainer(args: argparse.Namespace, context: DistributedContext) -> Trai
         sample_steps=args.sample_steps,
         guidance_scale=args.guidance_scale,
         num_workers=args.num_workers,
+        freeze_text_encoder=args.freeze_text_encoder,
     )
     trainer = Trainer(task, source, args.out, config, context)
     if state is not None:

@@ -122,6 +122,9 @@ class TrainConfig:
     :param sample_steps: the sampler's ``timestep_respacing`` for the grids.
     :param guidance_scale: classifier-free guidance scale of the grids.
     :param num_workers: data-loader worker processes per training process.
+    :param freeze_text_encoder: U-Nets: keep the prompt encoder's weights up to
+        ``transformer_proj`` fixed (``Text2ImUNet.text_encoder_parameters``), e.g. after
+        ``text_pretraining.pretrain_text_encoder``.
     """
 
     steps: int
@@ -145,6 +148,7 @@ class TrainConfig:
     sample_steps: str = "50"
     guidance_scale: float = 3.0
     num_workers: int = 0
+    freeze_text_encoder: bool = False
 
     def __post_init__(self):
         self.sample_prompts = tuple(self.sample_prompts)
@@ -731,6 +735,11 @@ class Trainer:
             raise ValueError("fp16 training needs CUDA; use precision 'bf16' or 'fp32' on the CPU")
 
         task.model.to(device)
+        if config.freeze_text_encoder:
+            if task.kind == "clip" or not task.model.xf_width:
+                raise ValueError("freeze_text_encoder needs a text-conditional U-Net task")
+            for param in task.model.text_encoder_parameters():
+                param.requires_grad_(False)
         module = task.train_module().train()
         if self.context.distributed:
             # Wrapping broadcasts rank 0's weights, so the EMA copy below is the same on every rank.

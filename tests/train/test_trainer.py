@@ -295,3 +295,37 @@ def test_prediction_option_reaches_the_training_diffusion_and_the_sidecar(tmp_pa
     assert diffusion.prediction == "v"
     with pytest.raises(ValueError, match="unknown prediction 'x0'"):
         tiny_task("base", prediction="x0")
+
+
+def test_freeze_text_encoder_trains_everything_but_the_prompt_encoder(tmp_path):
+    torch.manual_seed(0)
+    task = build_task("base", overrides=TINY_UNET_OPTIONS)
+    frozen = {id(p) for p in task.model.text_encoder_parameters()}
+    before = {name: p.detach().clone() for name, p in task.model.named_parameters()}
+    config = TrainConfig(steps=3, batch_size=2, lr=1e-3, log_every=1, freeze_text_encoder=True)
+    Trainer(task, shape_images(), tmp_path, config).train()
+
+    names = {name for name, p in task.model.named_parameters() if id(p) in frozen}
+    assert {"token_embedding.weight", "positional_embedding", "transformer.resblocks.0.attn.c_qkv.weight"} <= names
+    assert not any(name.startswith("transformer_proj") for name in names)
+    for name, p in task.model.named_parameters():
+        assert torch.equal(p, before[name]) == (name in names), name
+
+
+def test_freeze_text_encoder_needs_a_text_conditional_unet(tmp_path):
+    config = TrainConfig(steps=1, batch_size=2, freeze_text_encoder=True)
+    for task in (tiny_task("clip"), tiny_task("base", xf_width=0)):
+        with pytest.raises(ValueError, match="freeze_text_encoder needs a text-conditional U-Net"):
+            Trainer(task, shape_images(), tmp_path, config)
+
+
+def test_cli_freeze_text_encoder_fine_tunes_the_unet_only(tmp_path):
+    data = write_image_folder(tmp_path / "data")
+    assert main(cli_args(data, tmp_path / "start", 2)) == 0
+    init = str(tmp_path / "start" / "model.pt")
+    assert main(cli_args(data, tmp_path / "tuned", 2, "--init", init, "--freeze-text-encoder")) == 0
+    start, tuned = torch.load(init, weights_only=True), read_state(tmp_path / "tuned")["model"]
+    for key in ("token_embedding.weight", "positional_embedding", "transformer.resblocks.0.mlp.c_fc.weight"):
+        assert torch.equal(tuned[key], start[key]), key
+    for key in ("transformer_proj.weight", "input_blocks.0.0.weight"):
+        assert not torch.equal(tuned[key], start[key]), key
