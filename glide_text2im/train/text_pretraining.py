@@ -59,7 +59,7 @@ class TextPretrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_size < 2:
-            raise ValueError(f"batch_size must be at least 2 (the other pairs are the negatives), got {self.batch_size}")
+            raise ValueError(f"batch_size must be at least 2 (the other pairs are negatives), got {self.batch_size}")
 
 
 class ConvImageEncoder(nn.Module):

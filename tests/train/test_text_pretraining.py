@@ -34,7 +34,8 @@ def tiny_model():
 def pooled(model, captions):
     encoded = [model.tokenizer.padded_tokens_and_mask(model.tokenizer.encode(c), model.text_ctx) for c in captions]
     with torch.no_grad():
-        return model.get_text_emb(torch.tensor([t for t, _ in encoded]), torch.tensor([m for _, m in encoded]))["xf_proj"]
+        emb = model.get_text_emb(torch.tensor([t for t, _ in encoded]), torch.tensor([m for _, m in encoded]))
+    return emb["xf_proj"]
 
 
 def colour_spread(model):
