@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from glide_text2im.text2im_model import Text2ImUNet
 from glide_text2im.train.data import Example, UNetCaptionEncoder, image_to_tensor, random_square_crop
-from glide_text2im.train.trainer import contrastive_losses
+from glide_text2im.train.trainer import contrastive_losses, require_at_least_one
 
 
 @dataclasses.dataclass
@@ -55,9 +55,7 @@ class TextPretrainConfig:
     log_every: int = 250
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "image_size", "embed_dim", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_at_least_one(self, ("steps", "batch_size", "image_size", "embed_dim", "log_every"))
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be at least 2 (the other pairs are negatives), got {self.batch_size}")
 

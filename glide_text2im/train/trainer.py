@@ -94,6 +94,13 @@ TASK_FLAGS = {
 }
 
 
+def require_at_least_one(settings: Any, names: Sequence[str]) -> None:
+    """Raise a ValueError naming the first of the ``names`` attributes of ``settings`` below 1."""
+    for name in names:
+        if getattr(settings, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(settings, name)}")
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Settings of a training run.
@@ -156,9 +163,7 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("steps", "batch_size", "log_every", "save_every", "num_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_at_least_one(self, ("steps", "batch_size", "log_every", "save_every", "num_samples"))
         if not 0.0 <= self.ema_rate < 1.0:
             raise ValueError(f"ema_rate must lie in [0, 1), got {self.ema_rate}")
         if self.patch_size < 0:
