@@ -9,7 +9,8 @@ so a shape never leaves the canvas. Small random offsets and scales (``dx``, ``d
 
 Captions come from templates. The training templates and the held-out templates share the
 attribute words but no caption can be written by both: every held-out template carries a
-word that no training template uses (see ``HELD_OUT_MARKERS``).
+word that no training template uses (see ``HELD_OUT_MARKERS``). Training captions may also be
+scrambled (``scrambled_caption``): the attribute phrases in random order among filler words.
 
 Everything is deterministic: specs and captions are drawn from a ``random.Random`` the
 caller passes in, and ``iter_examples`` / ``generate_dataset`` derive one such generator
@@ -91,6 +92,17 @@ TRAIN_TEMPLATES = (
     "there is a[ {size}][ {colour}] {shape}[ in the {position}][, the background is {background}]",
     "a[ {size}][ {colour}] {shape}[ at the {position}][ against a {background} backdrop]",
     "[{position}: ]a[ {size}][ {colour}] {shape}[ on {background}]",
+    "a picture of a[ {size}][ {colour}] {shape}[ in the {position}][ on a {background} background]",
+    "draw a[ {size}][ {colour}] {shape}[ in the {position}][, {background} background]",
+    "a drawing of a[ {colour}] {shape}[ that is {size}][, placed in the {position}][, on {background}]",
+    "an illustration of a[ {size}][ {colour}] {shape}[ in the {position}][ on a {background} background]",
+    "the {shape}[ is {colour}][, it is {size}][, it sits in the {position}][, the background is {background}]",
+    "[on a {background} background, ]a[ {size}][ {colour}] {shape}[ appears in the {position}]",
+    "a {shape}[ coloured {colour}][, {size} in size][, located in the {position}][, with a {background} background]",
+    "a rendering of a[ {size}][ {colour}] {shape}[ positioned at the {position}][ with {background} all around]",
+    "simple flat art: a[ {size}][ {colour}] {shape}[ in the {position}][ on a {background} background]",
+    "[{size} ][{colour} ]{shape}[ {position}][ {background}]",
+    "[{background} backdrop, ]a[ {colour}] {shape}[ of {size} size][ at the {position}]",
 )
 HELD_OUT_TEMPLATES = (
     "an image of a[ {size}][ {colour}] {shape}[ in the {position}][ over {background}]",
@@ -100,6 +112,21 @@ HELD_OUT_TEMPLATES = (
 # One word outside the optional segments of each held-out template that no training
 # template contains: no held-out caption can equal a training caption.
 HELD_OUT_MARKERS = ("image", "one", "showing")
+
+# Scrambled training captions (``scrambled_caption``): each attribute as one of its phrases,
+# the phrases in random order with filler words between them, half of the fillers random
+# strings of letters. They teach a text encoder to find the attribute words wherever they are
+# and to pass over words it has never seen; one trained on the templates alone read "an image
+# of a red circle" as orange. No filler is an attribute word or a held-out marker.
+SCRAMBLED_PHRASES = {
+    "shape": ("{}",),
+    "colour": ("{}", "{} coloured", "in {}"),
+    "size": ("{}", "{} sized", "of {} size"),
+    "position": ("in the {}", "at the {}", "{}", "placed {}"),
+    "background": ("{} background", "on {}", "{} backdrop", "background {}"),
+}
+FILLER_WORDS = ("a", "an", "the", "with", "and", "is", "of", "this", "just", "simple", "flat", "drawn", "picture",
+                "art", "here", "very", "nice", "some", "thing", "see", "look", ",", ":", ";", "-")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +234,52 @@ def caption(
     return _fill(template, words)
 
 
+def scrambled_caption(spec: Union[ShapeSpec, PartialSpec], rng: random.Random, omit: Collection[str] = ()) -> str:
+    """Describe ``spec`` without a template: its attributes' phrases (``SCRAMBLED_PHRASES``,
+    random synonyms) in random order, each after 0 to 2 random ``FILLER_WORDS``.
+
+    Attributes named in ``omit``, and those a PartialSpec leaves None, are left out; an
+    omitted shape is written as "shape".
+    """
+    unknown = set(omit) - set(ATTRIBUTES)
+    if unknown:
+        raise ValueError(f"cannot omit unknown attributes {sorted(unknown)}; expected some of {ATTRIBUTES}")
+    phrases = []
+    for name in ATTRIBUTES:
+        value = getattr(spec, name)
+        if name in omit or value is None:
+            if name == "shape":
+                phrases.append("shape")
+            continue
+        word = rng.choice(SYNONYMS.get(value, (value,)))
+        phrases.append(rng.choice(SCRAMBLED_PHRASES[name]).format(word))
+    rng.shuffle(phrases)
+    words = []
+    for phrase in phrases:
+        words += [_filler(rng) for _ in range(rng.randint(0, 2))]
+        words.append(phrase)
+    return " ".join(words)
+
+
+def _filler(rng: random.Random) -> str:
+    """A ``FILLER_WORDS`` word or, half of the time, 2 to 8 random letters that are neither an
+    attribute word nor a held-out marker."""
+    if rng.random() < 0.5:
+        return rng.choice(FILLER_WORDS)
+    while True:
+        word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8)))
+        if word not in _RESERVED_WORDS:
+            return word
+
+
+_RESERVED_WORDS = frozenset(
+    word
+    for value in (*SHAPES, *COLOURS, *SIZES, *POSITIONS, *BACKGROUNDS, "shape", *HELD_OUT_MARKERS)
+    for synonym in SYNONYMS.get(value, (value,))
+    for word in synonym.split()
+)
+
+
 def _fill(template: str, words: dict) -> str:
     def segment(match: "re.Match") -> str:
         text = match.group(1)
@@ -281,14 +354,15 @@ def parse_prompt(text: str) -> PartialSpec:
 
 
 def iter_examples(
-    n: int, seed: int, size: int = 64, partial_prob: float = 0.0
+    n: int, seed: int, size: int = 64, partial_prob: float = 0.0, scrambled_prob: float = 0.0
 ) -> Iterator[Tuple[Image.Image, str, ShapeSpec]]:
     """Yield ``n`` (image, training caption, spec) triples, example ``i`` fixed by (seed, i).
 
-    ``partial_prob`` is the chance that a caption leaves some attributes out.
+    ``partial_prob`` is the chance that a caption leaves some attributes out, ``scrambled_prob``
+    the chance that it is a ``scrambled_caption`` rather than a training template's.
     """
     for index in range(_check_count(n)):
-        spec, text = _example(seed, index, partial_prob)
+        spec, text = _example(seed, index, partial_prob, scrambled_prob)
         yield render(spec, size), text, spec
 
 
@@ -298,6 +372,7 @@ def generate_dataset(
     seed: int,
     sizes: Sequence[int] = (64, 256),
     partial_prob: float = 0.0,
+    scrambled_prob: float = 0.0,
 ) -> Path:
     """Write ``n`` examples to ``out_dir``; the same arguments give byte-identical files.
 
@@ -313,7 +388,7 @@ def generate_dataset(
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = []
     for index in range(_check_count(n)):
-        spec, text = _example(seed, index, partial_prob)
+        spec, text = _example(seed, index, partial_prob, scrambled_prob)
         stem = f"{index:05d}"
         (out_dir / f"{stem}.txt").write_text(text, encoding="utf-8")
         for size in sizes:
@@ -329,9 +404,13 @@ def _check_count(n: int) -> int:
     return int(n)
 
 
-def _example(seed: int, index: int, partial_prob: float) -> Tuple[ShapeSpec, str]:
-    if not 0.0 <= partial_prob <= 1.0:
-        raise ValueError(f"partial_prob must lie in [0, 1], got {partial_prob}")
+def _example(seed: int, index: int, partial_prob: float, scrambled_prob: float) -> Tuple[ShapeSpec, str]:
+    for name, prob in (("partial_prob", partial_prob), ("scrambled_prob", scrambled_prob)):
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {prob}")
     rng = random.Random(f"glide_text2im.demo.shapes/{seed}/{index}")
     spec = sample_spec(rng)
-    return spec, caption(spec, rng, omit=_omitted(rng, partial_prob))
+    omit = _omitted(rng, partial_prob)
+    if rng.random() < scrambled_prob:
+        return spec, scrambled_caption(spec, rng, omit=omit)
+    return spec, caption(spec, rng, omit=omit)

@@ -131,6 +131,9 @@ def test_caption_examples():
 
 def test_held_out_templates_carry_a_word_no_training_caption_can_contain():
     training_words = set().union(*(_words(template) for template in shapes.TRAIN_TEMPLATES))
+    phrases = [phrase for options in shapes.SCRAMBLED_PHRASES.values() for phrase in options]
+    training_words |= set().union(*(_words(phrase) for phrase in phrases))
+    training_words |= set().union(*(_words(word) for word in shapes.FILLER_WORDS))
     vocabulary = set().union(*(_words(word) for words in shapes.SYNONYMS.values() for word in words))
     names = [*shapes.SHAPES, *shapes.COLOURS, *shapes.BACKGROUNDS]
     vocabulary |= set().union(*(_words(name) for name in names))
@@ -149,6 +152,41 @@ def test_held_out_captions_never_equal_training_captions():
         train.add(caption(spec, rng, omit=omit))
         held_out.add(caption(spec, rng, held_out=True, omit=omit))
     assert len(held_out) > 1000 and not train & held_out
+
+
+def test_scrambled_captions_name_every_attribute_in_any_order():
+    rng = random.Random(2)
+    first_attribute = set()
+    for _ in range(400):
+        spec = shapes.sample_spec(rng)
+        text = shapes.scrambled_caption(spec, rng)
+        assert dataclasses.asdict(parse_prompt(text)) == _attributes(spec), text
+        assert not _words(text) & set(shapes.HELD_OUT_MARKERS), text
+        found = parse_prompt(text)
+        first_attribute.add(min(shapes.ATTRIBUTES, key=lambda name: _first_index(text, getattr(found, name))))
+    assert first_attribute == set(shapes.ATTRIBUTES)  # every attribute sometimes leads
+    spec = ShapeSpec("square", "cyan", "small", "bottom right", "black")
+    assert shapes.scrambled_caption(spec, random.Random(5)) == shapes.scrambled_caption(spec, random.Random(5))
+    text = shapes.scrambled_caption(spec, random.Random(0), omit=("shape", "colour"))
+    assert parse_prompt(text) == PartialSpec(size="small", position="bottom right", background="black"), text
+    assert "shape" in _words(text)
+    with pytest.raises(ValueError, match="unknown attributes"):
+        shapes.scrambled_caption(spec, random.Random(0), omit=("hue",))
+
+
+def _first_index(text, value):
+    """Where the first word naming ``value`` starts in ``text``."""
+    words = shapes.SYNONYMS.get(value, (value,))
+    return min(text.find(word) for word in words if word in text)
+
+
+def test_scrambled_prob_mixes_scrambled_and_template_captions():
+    texts = [text for _, text, _ in shapes.iter_examples(200, seed=3, size=8, scrambled_prob=0.5)]
+    plain = [text for _, text, _ in shapes.iter_examples(200, seed=3, size=8)]
+    changed = sum(a != b for a, b in zip(texts, plain))
+    assert 70 <= changed <= 130, changed
+    with pytest.raises(ValueError, match="scrambled_prob"):
+        list(shapes.iter_examples(1, seed=0, scrambled_prob=-0.1))
 
 
 def test_partial_captions_leave_out_the_omitted_attributes():
