@@ -221,9 +221,7 @@ def caption(
 
     Attributes named in ``omit``, and those a PartialSpec leaves None, are left out.
     """
-    unknown = set(omit) - set(ATTRIBUTES)
-    if unknown:
-        raise ValueError(f"cannot omit unknown attributes {sorted(unknown)}; expected some of {ATTRIBUTES}")
+    _check_omit(omit)
     template = rng.choice(HELD_OUT_TEMPLATES if held_out else TRAIN_TEMPLATES)
     words = {}
     for name in ATTRIBUTES:
@@ -241,9 +239,7 @@ def scrambled_caption(spec: Union[ShapeSpec, PartialSpec], rng: random.Random, o
     Attributes named in ``omit``, and those a PartialSpec leaves None, are left out; an
     omitted shape is written as "shape".
     """
-    unknown = set(omit) - set(ATTRIBUTES)
-    if unknown:
-        raise ValueError(f"cannot omit unknown attributes {sorted(unknown)}; expected some of {ATTRIBUTES}")
+    _check_omit(omit)
     phrases = []
     for name in ATTRIBUTES:
         value = getattr(spec, name)
@@ -261,6 +257,15 @@ def scrambled_caption(spec: Union[ShapeSpec, PartialSpec], rng: random.Random, o
     return " ".join(words)
 
 
+# Words a random filler must not be: the attribute words, "shape" and the held-out markers.
+_RESERVED_WORDS = frozenset(
+    word
+    for value in (*SHAPES, *COLOURS, *SIZES, *POSITIONS, *BACKGROUNDS, "shape", *HELD_OUT_MARKERS)
+    for synonym in SYNONYMS.get(value, (value,))
+    for word in synonym.split()
+)
+
+
 def _filler(rng: random.Random) -> str:
     """A ``FILLER_WORDS`` word or, half of the time, 2 to 8 random letters that are neither an
     attribute word nor a held-out marker."""
@@ -272,12 +277,10 @@ def _filler(rng: random.Random) -> str:
             return word
 
 
-_RESERVED_WORDS = frozenset(
-    word
-    for value in (*SHAPES, *COLOURS, *SIZES, *POSITIONS, *BACKGROUNDS, "shape", *HELD_OUT_MARKERS)
-    for synonym in SYNONYMS.get(value, (value,))
-    for word in synonym.split()
-)
+def _check_omit(omit: Collection[str]) -> None:
+    unknown = set(omit) - set(ATTRIBUTES)
+    if unknown:
+        raise ValueError(f"cannot omit unknown attributes {sorted(unknown)}; expected some of {ATTRIBUTES}")
 
 
 def _fill(template: str, words: dict) -> str:

@@ -201,8 +201,9 @@ INIT_FROM = {"base": "text", "inpaint": "base"}
 
 
 class RenderedShapes(Sequence):
-    """``(PIL image, caption)`` pairs of ``shapes.iter_examples(n, seed)``, rendered at ``size``
-    when indexed (the specs and captions are drawn once, up front)."""
+    """``(PIL image, caption)`` pairs of ``shapes.iter_examples(n, seed)`` with the demo's
+    ``PARTIAL_PROB`` and ``SCRAMBLED_PROB``, rendered at ``size`` when indexed (the specs and
+    captions are drawn once, up front)."""
 
     def __init__(self, n: int, seed: int, size: int):
         self.size = size
