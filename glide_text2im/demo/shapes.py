@@ -407,13 +407,29 @@ def _check_count(n: int) -> int:
     return int(n)
 
 
-def _example(seed: int, index: int, partial_prob: float, scrambled_prob: float) -> Tuple[ShapeSpec, str]:
+def training_caption(
+    spec: ShapeSpec, rng: random.Random, partial_prob: float = 0.0, scrambled_prob: float = 0.0
+) -> Tuple[str, PartialSpec]:
+    """A training caption of ``spec`` and what it states (None for the attributes it leaves out).
+
+    ``partial_prob`` is the chance that the caption leaves some attributes out,
+    ``scrambled_prob`` the chance that it is a ``scrambled_caption`` rather than a training
+    template's.
+    """
     for name, prob in (("partial_prob", partial_prob), ("scrambled_prob", scrambled_prob)):
         if not 0.0 <= prob <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {prob}")
-    rng = random.Random(f"glide_text2im.demo.shapes/{seed}/{index}")
-    spec = sample_spec(rng)
     omit = _omitted(rng, partial_prob)
     if rng.random() < scrambled_prob:
-        return spec, scrambled_caption(spec, rng, omit=omit)
-    return spec, caption(spec, rng, omit=omit)
+        text = scrambled_caption(spec, rng, omit=omit)
+    else:
+        text = caption(spec, rng, omit=omit)
+    stated = PartialSpec(**{name: None if name in omit else getattr(spec, name) for name in ATTRIBUTES})
+    return text, stated
+
+
+def _example(seed: int, index: int, partial_prob: float, scrambled_prob: float) -> Tuple[ShapeSpec, str]:
+    rng = random.Random(f"glide_text2im.demo.shapes/{seed}/{index}")
+    spec = sample_spec(rng)
+    text, _ = training_caption(spec, rng, partial_prob, scrambled_prob)
+    return spec, text

@@ -1,4 +1,4 @@
-"""Contrastive pretraining of a text-conditional U-Net's text encoder.
+"""Pretraining a text-conditional U-Net's text encoder on its own, before the U-Net.
 
 A U-Net trained from scratch learns what its prompt says only through the denoising loss.
 Early on that loss is dominated by the image's largest areas, so the text encoder is pulled
@@ -13,12 +13,18 @@ which keeps what the text path learned.
 
     model = build_task("base", overrides=options).model
     pretrain_text_encoder(model, examples, TextPretrainConfig(steps=1000))
+
+Where every caption comes with discrete labels of what it says (a synthetic dataset's
+attributes), ``pretrain_text_encoder_on_labels`` trains the same text path to predict them
+from ``xf_proj`` instead, on captions drawn afresh for every step; no images are needed.
+Both can first set the positional embeddings to sinusoids (``sinusoidal_positions``), which
+lets a small byte-level transformer recognise a word wherever it stands in the caption.
 """
 
 import dataclasses
 import math
 import random
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,16 +37,17 @@ from glide_text2im.train.trainer import contrastive_losses, require_at_least_one
 
 @dataclasses.dataclass
 class TextPretrainConfig:
-    """Settings of a contrastive pretraining run.
+    """Settings of a pretraining run (either objective).
 
     :param steps: optimiser steps.
-    :param batch_size: (image, caption) pairs per step; every other pair is a negative.
+    :param batch_size: captions per step (for the contrastive objective every other pair of a
+        batch is a negative).
     :param lr: AdamW learning rate, after ``warmup_steps`` linear warm-up steps, decaying to 0
         along a half cosine.
-    :param image_size: side the images are resized to for the image encoder (only the text
-        encoder is kept, so this can be well below the U-Net's).
-    :param embed_dim: width of the shared embedding space.
-    :param seed: seed of the image encoder's weights and of the batches.
+    :param sinusoidal_positions: if positive, the positional and padding embeddings are first
+        set to sine and cosine waves of this amplitude (``init_sinusoidal_positions``); 0
+        keeps their random initialisation.
+    :param seed: seed of the objective's own weights and of the batches.
     :param log_every: steps between log rows.
     """
 
@@ -49,15 +56,36 @@ class TextPretrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_steps: int = 50
-    image_size: int = 32
-    embed_dim: int = 64
+    sinusoidal_positions: float = 0.0
     seed: int = 0
     log_every: int = 250
 
     def __post_init__(self):
-        require_at_least_one(self, ("steps", "batch_size", "image_size", "embed_dim", "log_every"))
-        if self.batch_size < 2:
-            raise ValueError(f"batch_size must be at least 2 (the other pairs are negatives), got {self.batch_size}")
+        require_at_least_one(self, ("steps", "batch_size", "log_every"))
+        if self.sinusoidal_positions < 0:
+            raise ValueError(f"sinusoidal_positions must be >= 0, got {self.sinusoidal_positions}")
+
+
+def init_sinusoidal_positions(model: Text2ImUNet, amplitude: float) -> None:
+    """Set ``model.positional_embedding`` (and ``padding_embedding``, which replaces it at
+    padding positions) to ``amplitude`` x the Transformer paper's sinusoids [text_ctx x width],
+    wavelengths from 2 pi to 200 pi tokens.
+
+    A random positional embedding has to be learned per position, so a byte-level encoder
+    trained on a few wordings reads a word differently at positions those wordings rarely put
+    it; with sinusoids, moving a word shifts every position by the same rotation.
+    """
+    ctx, width = model.positional_embedding.shape
+    position = torch.arange(ctx, dtype=torch.float32)[:, None]
+    frequency = torch.exp(-math.log(100.0) * torch.arange(0, width, 2, dtype=torch.float32) / width)
+    waves = torch.zeros(ctx, width)
+    waves[:, 0::2] = torch.sin(position * frequency)
+    waves[:, 1::2] = torch.cos(position * frequency)
+    waves = amplitude * waves.to(model.positional_embedding)
+    with torch.no_grad():
+        model.positional_embedding.copy_(waves)
+        if model.xf_padding:
+            model.padding_embedding.add_(waves)
 
 
 class ConvImageEncoder(nn.Module):
@@ -84,18 +112,23 @@ def pretrain_text_encoder(
     model: Text2ImUNet,
     source: Sequence[Example],
     config: TextPretrainConfig,
+    image_size: int = 32,
+    embed_dim: int = 64,
     log: Optional[Callable[[Dict[str, float]], None]] = None,
 ) -> List[Dict[str, float]]:
-    """Train ``model``'s text path in place on ``source``'s (PIL image, caption) pairs.
+    """Train ``model``'s text path in place, contrastively, on ``source``'s (PIL image, caption)
+    pairs.
 
     The caption side is ``model.get_text_emb(...)["xf_proj"]`` [N x 4C] followed by a linear
-    map to ``embed_dim``; the image side is a ``ConvImageEncoder``; both are L2-normalised and
-    compared with a learned temperature (``trainer.contrastive_losses``). The U-Net's other
-    weights are not touched.
+    map to ``embed_dim``; the image side is a ``ConvImageEncoder`` on ``image_size`` crops; both
+    are L2-normalised and compared with a learned temperature (``trainer.contrastive_losses``).
+    The U-Net's other weights are not touched.
 
     :return: the log rows ``{"step", "loss", "accuracy"}`` (means over ``log_every`` steps),
         each also passed to ``log``.
     """
+    if config.batch_size < 2:
+        raise ValueError(f"batch_size must be at least 2 (the other pairs are negatives), got {config.batch_size}")
     if len(source) < config.batch_size:
         raise ValueError(f"{len(source)} examples are fewer than one batch of {config.batch_size}")
     device = next(model.parameters()).device
@@ -103,41 +136,108 @@ def pretrain_text_encoder(
     rng = random.Random(config.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        image_encoder = ConvImageEncoder(config.image_size, config.embed_dim).to(device)
-        text_head = nn.Linear(model.transformer_proj.out_features, config.embed_dim).to(device)
+        image_encoder = ConvImageEncoder(image_size, embed_dim).to(device)
+        text_head = nn.Linear(model.transformer_proj.out_features, embed_dim).to(device)
     logit_scale = nn.Parameter(torch.tensor(math.log(10.0), device=device))
-    text_params = model.text_encoder_parameters() + list(model.transformer_proj.parameters())
+    encode = UNetCaptionEncoder(model.tokenizer, model.text_ctx)
+    order: List[int] = []
+
+    def step_terms() -> Tuple[torch.Tensor, float]:
+        nonlocal order
+        if len(order) < config.batch_size:
+            order += torch.randperm(len(source), generator=generator).tolist()
+        batch, order = order[: config.batch_size], order[config.batch_size :]
+        pairs = [source[index] for index in batch]
+        images = torch.stack([image_to_tensor(random_square_crop(image, image_size, rng)) for image, _ in pairs])
+        xf_proj = _xf_proj(model, encode, [caption for _, caption in pairs])
+        z_text = F.normalize(text_head(xf_proj.float()), dim=-1)
+        z_image = F.normalize(image_encoder(images.to(device)), dim=-1)
+        terms = contrastive_losses(z_text, z_image, logit_scale.clamp(max=math.log(100.0)))
+        return terms["loss"].mean(), terms["accuracy"].mean().item()
+
     extra_params = list(image_encoder.parameters()) + list(text_head.parameters()) + [logit_scale]
-    optimizer = torch.optim.AdamW(text_params + extra_params, lr=config.lr, weight_decay=config.weight_decay)
+    return _optimise_text_path(model, extra_params, step_terms, config, log)
+
+
+def pretrain_text_encoder_on_labels(
+    model: Text2ImUNet,
+    draw: Callable[[random.Random], Tuple[str, Sequence[int]]],
+    num_classes: Sequence[int],
+    config: TextPretrainConfig,
+    log: Optional[Callable[[Dict[str, float]], None]] = None,
+) -> List[Dict[str, float]]:
+    """Train ``model``'s text path in place to predict each caption's labels from ``xf_proj``.
+
+    ``draw(rng)`` returns a fresh caption and its labels, label ``k`` in
+    ``range(num_classes[k])``; every step draws ``batch_size`` of them from one
+    ``random.Random(config.seed)``. One linear head per label reads ``xf_proj`` [N x 4C]; the
+    loss is the sum of their cross-entropies. The U-Net's other weights are not touched.
+
+    :return: the log rows ``{"step", "loss", "accuracy"}`` (accuracy: the mean over labels of
+        the fraction predicted right; means over ``log_every`` steps), each also passed to ``log``.
+    """
+    if not num_classes or min(num_classes) < 2:
+        raise ValueError(f"num_classes must list at least one label of at least 2 classes, got {list(num_classes)}")
+    device = next(model.parameters()).device
+    rng = random.Random(config.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        heads = nn.ModuleList(nn.Linear(model.transformer_proj.out_features, n) for n in num_classes).to(device)
     encode = UNetCaptionEncoder(model.tokenizer, model.text_ctx)
 
-    rows, totals, order = [], {"loss": 0.0, "accuracy": 0.0}, []
+    def step_terms() -> Tuple[torch.Tensor, float]:
+        captions, labels = [], []
+        for _ in range(config.batch_size):
+            caption, caption_labels = draw(rng)
+            if len(caption_labels) != len(num_classes):
+                raise ValueError(f"draw gave {len(caption_labels)} labels for {caption!r}; expected {len(num_classes)}")
+            captions.append(caption)
+            labels.append(list(caption_labels))
+        targets = torch.tensor(labels, device=device)
+        xf_proj = _xf_proj(model, encode, captions).float()
+        loss, correct = xf_proj.new_zeros(()), 0.0
+        for k, head in enumerate(heads):
+            logits = head(xf_proj)
+            loss = loss + F.cross_entropy(logits, targets[:, k])
+            correct += (logits.argmax(-1) == targets[:, k]).float().mean().item()
+        return loss, correct / len(heads)
+
+    return _optimise_text_path(model, list(heads.parameters()), step_terms, config, log)
+
+
+def _xf_proj(model: Text2ImUNet, encode: UNetCaptionEncoder, captions: Sequence[str]) -> torch.Tensor:
+    device = next(model.parameters()).device
+    encoded = [encode(caption) for caption in captions]
+    tokens = torch.stack([item["tokens"] for item in encoded]).to(device)
+    mask = torch.stack([item["mask"] for item in encoded]).to(device)
+    return model.get_text_emb(tokens, mask)["xf_proj"]
+
+
+def _optimise_text_path(
+    model: Text2ImUNet,
+    extra_params: List[nn.Parameter],
+    step_terms: Callable[[], Tuple[torch.Tensor, float]],
+    config: TextPretrainConfig,
+    log: Optional[Callable[[Dict[str, float]], None]],
+) -> List[Dict[str, float]]:
+    """AdamW on the text path and ``extra_params`` for ``config.steps`` steps of the loss
+    ``step_terms()`` returns (with its accuracy); returns the log rows."""
+    if config.sinusoidal_positions > 0:
+        init_sinusoidal_positions(model, config.sinusoidal_positions)
+    text_params = model.text_encoder_parameters() + list(model.transformer_proj.parameters())
+    optimizer = torch.optim.AdamW(text_params + extra_params, lr=config.lr, weight_decay=config.weight_decay)
+    rows, totals = [], {"loss": 0.0, "accuracy": 0.0}
     for step in range(config.steps):
         for group in optimizer.param_groups:
             group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
             group["lr"] *= 0.5 * (1.0 + math.cos(math.pi * step / config.steps))
-        if len(order) < config.batch_size:
-            order += torch.randperm(len(source), generator=generator).tolist()
-        batch, order = order[: config.batch_size], order[config.batch_size :]
-
-        images, tokens, masks = [], [], []
-        for index in batch:
-            image, caption = source[index]
-            images.append(image_to_tensor(random_square_crop(image, config.image_size, rng)))
-            encoded = encode(caption)
-            tokens.append(encoded["tokens"])
-            masks.append(encoded["mask"])
-        xf_proj = model.get_text_emb(torch.stack(tokens).to(device), torch.stack(masks).to(device))["xf_proj"]
-        z_text = F.normalize(text_head(xf_proj.float()), dim=-1)
-        z_image = F.normalize(image_encoder(torch.stack(images).to(device)), dim=-1)
-        terms = contrastive_losses(z_text, z_image, logit_scale.clamp(max=math.log(100.0)))
-        loss = terms["loss"].mean()
+        loss, accuracy = step_terms()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
         totals["loss"] += loss.item()
-        totals["accuracy"] += terms["accuracy"].mean().item()
+        totals["accuracy"] += accuracy
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
             count = (step % config.log_every) + 1
             row = {"step": step + 1, **{key: value / count for key, value in totals.items()}}

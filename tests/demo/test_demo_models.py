@@ -152,16 +152,20 @@ def test_held_out_prompts_are_not_training_captions():
     assert len(max(prompts, key=len)) <= demo.options("demo/base")["text_ctx"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="measured with the shipped weights (contrastively pretrained, frozen text encoder; 4500 steps): colour "
-    "0.625, shape 0.55, position 0.72 (size 0.77, background 0.67); above chance on every attribute but short of "
-    "0.9 / 0.8 / 0.8 (see demo/train.py)",
-)
-def test_base_with_classifier_free_guidance_draws_held_out_prompts(held_out_judgements):
+def test_base_with_classifier_free_guidance_draws_the_held_out_colour_and_place(held_out_judgements):
     scores, _, _ = held_out_judgements
     print("base + CFG, DPM-Solver++(2M) 25 steps, 64 held-out prompts:", scores)
-    assert scores["colour"] >= 0.9 and scores["shape"] >= 0.8 and scores["position"] >= 0.8, scores
+    assert scores["colour"] >= 0.9 and scores["position"] >= 0.8, scores
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured with the shipped weights: shape 0.73 (squares and triangles drawn with rounded corners read "
+    "as circles; 0.69 to 0.81 for guidance scales 2 to 7 here, 0.69 to 0.70 on another 64 held-out prompts)",
+)
+def test_base_with_classifier_free_guidance_draws_the_held_out_shape(held_out_judgements):
+    scores, _, _ = held_out_judgements
+    assert scores["shape"] >= 0.8, scores
 
 
 def test_25_dpm_solver_steps_judge_as_well_as_100_ancestral_steps(base, held_out_judgements):
@@ -299,11 +303,6 @@ def test_inpainting_keeps_every_known_pixel_exactly(inpainted):
     assert not torch.equal(samples[~kept], source[~kept])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="measured with the shipped weights: shape 0.47, colour 0.59 (the inpainting model starts from the "
-    "base, which does not yet reach its own targets; see the base test)",
-)
 def test_inpainting_draws_the_requested_shape_and_colour(inpainted):
     _, _, samples, wanted = inpainted
     scores = accuracy(samples, [shapes.PartialSpec(shape=w.shape, colour=w.colour) for w in wanted])
@@ -323,7 +322,7 @@ def box_mask(spec, size):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="measured with the shipped weights: colour 0.042 unguided -> 0.417 with CLIP guidance (scale 30), "
+    reason="measured with the shipped weights: colour 0.21 unguided -> 0.42 with CLIP guidance (scale 30), "
     "short of 0.6 (the demo CLIP names the colour of a clean render for 0.5 to 0.6 of held-out prompts)",
 )
 def test_clip_guidance_gives_the_unconditional_base_the_asked_colour(base):
@@ -385,8 +384,9 @@ def test_cli_generate_demo_runs_offline_in_under_a_minute(cli_run):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="measured with the shipped weights: judged a yellow circle on black for a blue triangle on yellow (a "
-    "background the training captions never name; the base does not yet reach its targets, see the base test)",
+    reason="measured with the shipped weights: judged a yellow circle on gray for a blue triangle on yellow. The "
+    "dataset's shape colours and background colours are disjoint, so no training caption names a yellow "
+    "background and the text encoder reads 'yellow' as the shape's colour",
 )
 def test_cli_generate_demo_draws_the_prompt(cli_run):
     _, image = cli_run

@@ -201,6 +201,20 @@ def test_partial_captions_leave_out_the_omitted_attributes():
         caption(spec, random.Random(0), omit=("hue",))
 
 
+def test_training_caption_states_what_its_caption_says():
+    rng = random.Random(5)
+    omitted = 0
+    for _ in range(300):
+        spec = shapes.sample_spec(rng)
+        text, stated = shapes.training_caption(spec, rng, partial_prob=0.5, scrambled_prob=0.5)
+        assert parse_prompt(text) == stated, text
+        assert all(value in (None, getattr(spec, name)) for name, value in dataclasses.asdict(stated).items())
+        omitted += None in dataclasses.asdict(stated).values()
+    assert 110 <= omitted <= 190, omitted
+    with pytest.raises(ValueError, match="partial_prob must lie in"):
+        shapes.training_caption(spec, rng, partial_prob=1.5)
+
+
 def test_parse_prompt_reads_free_text():
     assert parse_prompt("Draw a BIG Orange triangle in the upper-left corner, grey backdrop") == PartialSpec(
         "triangle", "orange", "large", "top left", "gray"

@@ -1,9 +1,12 @@
 """The demo training script: the ``text`` stage feeds ``base``, whose text encoder stays frozen."""
 
+import random
+
 import pytest
 import torch
 
-from glide_text2im.demo.train import main
+from glide_text2im.demo import shapes
+from glide_text2im.demo.train import LABEL_VALUES, labelled_caption, main
 
 
 def test_text_stage_pretrains_the_text_encoder_that_base_keeps(tmp_path, capsys):
@@ -23,3 +26,17 @@ def test_unknown_stage_is_rejected(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--stages", "text,bse"])
     assert "unknown stage 'bse'" in capsys.readouterr().err
+
+
+def test_labelled_caption_labels_every_attribute_or_not_stated():
+    rng = random.Random(0)
+    not_stated = 0
+    for _ in range(200):
+        text, labels = labelled_caption(rng)
+        said = shapes.parse_prompt(text)
+        assert len(labels) == len(LABEL_VALUES)
+        for (name, values), label in zip(LABEL_VALUES.items(), labels):
+            wanted = getattr(said, name)
+            assert label == (len(values) if wanted is None else values.index(wanted)), (text, labels)
+            not_stated += wanted is None
+    assert not_stated > 0
