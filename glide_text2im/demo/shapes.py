@@ -23,7 +23,7 @@ import numbers
 import random
 import re
 from pathlib import Path
-from typing import Collection, Iterator, Optional, Sequence, Tuple, Union
+from typing import Collection, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -63,6 +63,15 @@ POSITIONS = {
     "bottom left": (0.25, 0.75),
     "bottom right": (0.75, 0.75),
     "center": (0.5, 0.5),
+}
+
+# The names each attribute can take, in ``ATTRIBUTES`` order.
+ATTRIBUTE_VALUES: Dict[str, Tuple[str, ...]] = {
+    "shape": SHAPES,
+    "colour": tuple(COLOURS),
+    "size": tuple(SIZES),
+    "position": tuple(POSITIONS),
+    "background": tuple(BACKGROUNDS),
 }
 
 # Largest offset of the centre (canvas fractions) and relative change of the extent.
@@ -339,13 +348,7 @@ def parse_prompt(text: str) -> PartialSpec:
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     normalised = " " + re.sub(r"[^a-z]+", " ", text.lower()) + " "
     found = {}
-    for name, values in (
-        ("shape", SHAPES),
-        ("colour", COLOURS),
-        ("size", SIZES),
-        ("position", POSITIONS),
-        ("background", BACKGROUNDS),
-    ):
+    for name, values in ATTRIBUTE_VALUES.items():
         hits = []
         for value in values:
             for word in SYNONYMS.get(value, (value,)):

@@ -194,8 +194,8 @@ STAGE_RECIPES: Dict[str, Stage] = {
         config=dict(steps=4000, batch_size=64, lr=1e-3, lr_schedule="cosine", warmup_steps=50, ema_rate=0.99),
     ),
 }
-# The ``text`` stage: the base's text encoder (options of ``base``), on 32 x 32 renders of
-# the base's examples (only the text encoder is kept, so the image encoder can be small).
+# The ``text`` stage: the base's text encoder (options of ``base``), on 3000 x 128 captions
+# drawn by ``labelled_caption`` (no images).
 TEXT_PRETRAIN = TextPretrainConfig(steps=3000, batch_size=128, lr=1e-3, sinusoidal_positions=0.1, seed=DATA_SEED)
 
 # The weights file each U-Net stage exports, and the stages that start from another's model.
@@ -230,22 +230,13 @@ def build_clip_task(config: Dict[str, Any]) -> CLIPTask:
     return CLIPTask(clip, config)
 
 
-# The values of each attribute a ``text`` stage label can name; label len(values) is "not stated".
-LABEL_VALUES = {
-    "shape": shapes.SHAPES,
-    "colour": tuple(shapes.COLOURS),
-    "size": tuple(shapes.SIZES),
-    "position": tuple(shapes.POSITIONS),
-    "background": tuple(shapes.BACKGROUNDS),
-}
-
-
 def labelled_caption(rng: random.Random) -> Tuple[str, List[int]]:
     """A fresh training caption (the demo's ``PARTIAL_PROB`` and ``SCRAMBLED_PROB``) of a random
-    spec and its labels, one per attribute in ``LABEL_VALUES`` order."""
+    spec and its labels, one per attribute in ``shapes.ATTRIBUTE_VALUES`` order: the index of
+    the value the caption names, or ``len(values)`` where it names none."""
     text, stated = shapes.training_caption(shapes.sample_spec(rng), rng, PARTIAL_PROB, SCRAMBLED_PROB)
     labels = []
-    for name, values in LABEL_VALUES.items():
+    for name, values in shapes.ATTRIBUTE_VALUES.items():
         value = getattr(stated, name)
         labels.append(len(values) if value is None else values.index(value))
     return text, labels
@@ -259,7 +250,7 @@ def pretrain_text_stage(work_dir: Path, steps: Optional[int] = None) -> None:
     config = TEXT_PRETRAIN if steps is None else dataclasses.replace(TEXT_PRETRAIN, steps=steps)
     torch.manual_seed(DATA_SEED)
     task = build_task("base", overrides=base.options)
-    num_classes = [len(values) + 1 for values in LABEL_VALUES.values()]
+    num_classes = [len(values) + 1 for values in shapes.ATTRIBUTE_VALUES.values()]
     rows = pretrain_text_encoder_on_labels(task.model, labelled_caption, num_classes, config)
     print(f"text: loss {rows[-1]['loss']:.3f}, accuracy {rows[-1]['accuracy']:.3f}", flush=True)
     folder = work_dir / "text"

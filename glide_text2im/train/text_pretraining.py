@@ -149,7 +149,7 @@ def pretrain_text_encoder(
         batch, order = order[: config.batch_size], order[config.batch_size :]
         pairs = [source[index] for index in batch]
         images = torch.stack([image_to_tensor(random_square_crop(image, image_size, rng)) for image, _ in pairs])
-        xf_proj = _xf_proj(model, encode, [caption for _, caption in pairs])
+        xf_proj = _xf_proj(model, encode, [caption for _, caption in pairs], device)
         z_text = F.normalize(text_head(xf_proj.float()), dim=-1)
         z_image = F.normalize(image_encoder(images.to(device)), dim=-1)
         terms = contrastive_losses(z_text, z_image, logit_scale.clamp(max=math.log(100.0)))
@@ -194,7 +194,7 @@ def pretrain_text_encoder_on_labels(
             captions.append(caption)
             labels.append(list(caption_labels))
         targets = torch.tensor(labels, device=device)
-        xf_proj = _xf_proj(model, encode, captions).float()
+        xf_proj = _xf_proj(model, encode, captions, device).float()
         loss, correct = xf_proj.new_zeros(()), 0.0
         for k, head in enumerate(heads):
             logits = head(xf_proj)
@@ -205,8 +205,9 @@ def pretrain_text_encoder_on_labels(
     return _optimise_text_path(model, list(heads.parameters()), step_terms, config, log)
 
 
-def _xf_proj(model: Text2ImUNet, encode: UNetCaptionEncoder, captions: Sequence[str]) -> torch.Tensor:
-    device = next(model.parameters()).device
+def _xf_proj(
+    model: Text2ImUNet, encode: UNetCaptionEncoder, captions: Sequence[str], device: torch.device
+) -> torch.Tensor:
     encoded = [encode(caption) for caption in captions]
     tokens = torch.stack([item["tokens"] for item in encoded]).to(device)
     mask = torch.stack([item["mask"] for item in encoded]).to(device)

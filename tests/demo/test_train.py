@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from glide_text2im.demo import shapes
-from glide_text2im.demo.train import LABEL_VALUES, labelled_caption, main
+from glide_text2im.demo.train import labelled_caption, main
 
 
 def test_text_stage_pretrains_the_text_encoder_that_base_keeps(tmp_path, capsys):
@@ -34,8 +34,8 @@ def test_labelled_caption_labels_every_attribute_or_not_stated():
     for _ in range(200):
         text, labels = labelled_caption(rng)
         said = shapes.parse_prompt(text)
-        assert len(labels) == len(LABEL_VALUES)
-        for (name, values), label in zip(LABEL_VALUES.items(), labels):
+        assert len(labels) == len(shapes.ATTRIBUTE_VALUES)
+        for (name, values), label in zip(shapes.ATTRIBUTE_VALUES.items(), labels):
             wanted = getattr(said, name)
             assert label == (len(values) if wanted is None else values.index(wanted)), (text, labels)
             not_stated += wanted is None
