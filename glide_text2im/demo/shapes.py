@@ -2,7 +2,8 @@
 
 Every image shows a single axis-aligned circle, square or upward triangle of one of eight
 named colours, small or large, centred on one of five named regions of the canvas, over a
-plain background of one of four named colours. The bounding box of every shape is an
+plain background of one of six named colours (two of them, yellow and blue, also shape
+colours). The bounding box of every shape is an
 ``extent x extent`` square (the canvas is the unit square) centred on its region's centre,
 so a shape never leaves the canvas. Small random offsets and scales (``dx``, ``dy``,
 ``scale``) vary the pixels without changing any named attribute.
@@ -32,8 +33,6 @@ ATTRIBUTES = ("shape", "colour", "size", "position", "background")
 
 SHAPES = ("circle", "square", "triangle")
 
-# Shape colours and background colours are disjoint sets, so a colour word in a prompt
-# names either the shape or the background, never both.
 COLOURS = {
     "red": (215, 25, 35),
     "orange": (245, 125, 15),
@@ -49,12 +48,21 @@ BACKGROUNDS = {
     "black": (0, 0, 0),
     "gray": (128, 128, 128),
     "beige": (235, 220, 190),
+    "yellow": COLOURS["yellow"],
+    "blue": COLOURS["blue"],
 }
+# A colour word names the background when one of these comes just before it ("on yellow",
+# "the background is yellow") or just after it ("a yellow backdrop", "yellow all around");
+# otherwise it names the shape's colour if it can (white, black, gray and beige cannot).
+BACKGROUND_CUES_BEFORE = ("on", "over", "background is")
+BACKGROUND_CUES_AFTER = ("background", "backdrop", "field", "scene", "all around")
 # A shape colour is only drawn on backgrounds at least this far away (Euclidean, uint8 RGB).
 MIN_CONTRAST = 110.0
 
-# Nominal extent (side of the bounding box, as a fraction of the canvas side) per size.
-SIZES = {"small": 0.2, "large": 0.38}
+# Nominal extent (side of the bounding box, as a fraction of the canvas side) per size. At
+# 0.2 (13 px at 64 px) the demo base drew small squares and triangles with corners so round
+# that 14 of 33 read as circles (3 of 31 large ones).
+SIZES = {"small": 0.26, "large": 0.40}
 
 # Centre of each named region, (x, y) with y pointing down, as fractions of the canvas.
 POSITIONS = {
@@ -75,8 +83,8 @@ ATTRIBUTE_VALUES: Dict[str, Tuple[str, ...]] = {
 }
 
 # Largest offset of the centre (canvas fractions) and relative change of the extent.
-POSITION_JITTER = 0.025
-SIZE_JITTER = 0.08
+POSITION_JITTER = 0.02
+SIZE_JITTER = 0.05
 
 SUPERSAMPLING = 4
 
@@ -110,7 +118,7 @@ TRAIN_TEMPLATES = (
     "a {shape}[ coloured {colour}][, {size} in size][, located in the {position}][, with a {background} background]",
     "a rendering of a[ {size}][ {colour}] {shape}[ positioned at the {position}][ with {background} all around]",
     "simple flat art: a[ {size}][ {colour}] {shape}[ in the {position}][ on a {background} background]",
-    "[{size} ][{colour} ]{shape}[ {position}][ {background}]",
+    "[{size} ][{colour} ]{shape}[ {position}][ on {background}]",
     "[{background} backdrop, ]a[ {colour}] {shape}[ of {size} size][ at the {position}]",
 )
 HELD_OUT_TEMPLATES = (
@@ -126,15 +134,16 @@ HELD_OUT_MARKERS = ("image", "one", "showing")
 # the phrases in random order with filler words between them, half of the fillers random
 # strings of letters. They teach a text encoder to find the attribute words wherever they are
 # and to pass over words it has never seen; one trained on the templates alone read "an image
-# of a red circle" as orange. No filler is an attribute word or a held-out marker.
+# of a red circle" as orange. No filler is an attribute word, a background cue or a held-out
+# marker, and every background phrase carries a cue.
 SCRAMBLED_PHRASES = {
     "shape": ("{}",),
     "colour": ("{}", "{} coloured", "in {}"),
     "size": ("{}", "{} sized", "of {} size"),
     "position": ("in the {}", "at the {}", "{}", "placed {}"),
-    "background": ("{} background", "on {}", "{} backdrop", "background {}"),
+    "background": ("{} background", "on {}", "{} backdrop", "on a {} background"),
 }
-FILLER_WORDS = ("a", "an", "the", "with", "and", "is", "of", "this", "just", "simple", "flat", "drawn", "picture",
+FILLER_WORDS = ("a", "an", "the", "with", "and", "of", "this", "just", "simple", "flat", "drawn", "picture",
                 "art", "here", "very", "nice", "some", "thing", "see", "look", ",", ":", ";", "-")  # fmt: skip
 
 
@@ -266,13 +275,14 @@ def scrambled_caption(spec: Union[ShapeSpec, PartialSpec], rng: random.Random, o
     return " ".join(words)
 
 
-# Words a random filler must not be: the attribute words, "shape" and the held-out markers.
+# Words a random filler must not be: the attribute words, "shape", the background cues and the
+# held-out markers.
 _RESERVED_WORDS = frozenset(
     word
     for value in (*SHAPES, *COLOURS, *SIZES, *POSITIONS, *BACKGROUNDS, "shape", *HELD_OUT_MARKERS)
     for synonym in SYNONYMS.get(value, (value,))
     for word in synonym.split()
-)
+) | frozenset(word for cue in (*BACKGROUND_CUES_BEFORE, *BACKGROUND_CUES_AFTER) for word in cue.split())
 
 
 def _filler(rng: random.Random) -> str:
@@ -341,22 +351,46 @@ def render(spec: ShapeSpec, size: int) -> Image.Image:
 def parse_prompt(text: str) -> PartialSpec:
     """Find the attribute words in free text (synonyms included); None for those absent.
 
-    The first shape colour word is the colour and the first background colour word the
-    background; the first word (or phrase) of each other attribute wins likewise.
+    A colour word is the background's when a ``BACKGROUND_CUES_BEFORE`` / ``_AFTER`` phrase
+    stands next to it, else the shape's (if it is a shape colour). The first shape colour and
+    the first background colour win; so does the first word (or phrase) of each other attribute.
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-    normalised = " " + re.sub(r"[^a-z]+", " ", text.lower()) + " "
+    words = re.sub(r"[^a-z]+", " ", text.lower()).split()
+    normalised = " " + " ".join(words) + " "
     found = {}
-    for name, values in ATTRIBUTE_VALUES.items():
+    for name in ("shape", "size", "position"):
         hits = []
-        for value in values:
+        for value in ATTRIBUTE_VALUES[name]:
             for word in SYNONYMS.get(value, (value,)):
                 index = normalised.find(f" {word} ")
                 if index >= 0:
                     hits.append((index, value))
         found[name] = min(hits)[1] if hits else None
+    found["colour"], found["background"] = _colour_and_background(words)
     return PartialSpec(**found)
+
+
+def _colour_and_background(words: Sequence[str]) -> Tuple[Optional[str], Optional[str]]:
+    """The first shape colour and the first background colour named in ``words``."""
+    colour_names = {word: value for value in (*COLOURS, *BACKGROUNDS) for word in SYNONYMS.get(value, (value,))}
+    colour = background = None
+    for index, word in enumerate(words):
+        value = colour_names.get(word)
+        if value is None:
+            continue
+        before = " " + " ".join(words[max(0, index - 2) : index])
+        after = " ".join(words[index + 1 : index + 3]) + " "
+        cued = any(before.endswith(" " + cue) for cue in BACKGROUND_CUES_BEFORE) or any(
+            after.startswith(cue + " ") for cue in BACKGROUND_CUES_AFTER
+        )
+        if cued or value not in COLOURS:
+            if background is None and value in BACKGROUNDS:
+                background = value
+        elif colour is None:
+            colour = value
+    return colour, background
 
 
 def iter_examples(

@@ -16,7 +16,9 @@ which keeps what the text path learned.
 
 Where every caption comes with discrete labels of what it says (a synthetic dataset's
 attributes), ``pretrain_text_encoder_on_labels`` trains the same text path to predict them
-from ``xf_proj`` instead, on captions drawn afresh for every step; no images are needed.
+from ``xf_proj`` instead, on captions drawn afresh for every step; no images are needed. It
+trains a noised CLIP's text encoder the same way (then ``TrainConfig(freeze_text_encoder=True)``
+keeps it while the contrastive loss trains the image encoder to meet it).
 Both can first set the positional embeddings to sinusoids (``sinusoidal_positions``), which
 lets a small byte-level transformer recognise a word wherever it stands in the caption.
 """
@@ -24,15 +26,19 @@ lets a small byte-level transformer recognise a word wherever it stands in the c
 import dataclasses
 import math
 import random
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from glide_text2im.clip.model_creation import CLIPModel
 from glide_text2im.text2im_model import Text2ImUNet
 from glide_text2im.train.data import Example, UNetCaptionEncoder, image_to_tensor, random_square_crop
 from glide_text2im.train.trainer import contrastive_losses, require_at_least_one
+
+# The models whose text path can be pretrained here.
+TextModel = Union[Text2ImUNet, CLIPModel]
 
 
 @dataclasses.dataclass
@@ -66,26 +72,37 @@ class TextPretrainConfig:
             raise ValueError(f"sinusoidal_positions must be >= 0, got {self.sinusoidal_positions}")
 
 
-def init_sinusoidal_positions(model: Text2ImUNet, amplitude: float) -> None:
-    """Set ``model.positional_embedding`` (and ``padding_embedding``, which replaces it at
-    padding positions) to ``amplitude`` x the Transformer paper's sinusoids [text_ctx x width],
-    wavelengths from 2 pi to 200 pi tokens.
+def sinusoids(length: int, width: int) -> torch.Tensor:
+    """The Transformer paper's sine (even columns) and cosine (odd columns) waves
+    [length x width], wavelengths from 2 pi to 200 pi tokens."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    frequency = torch.exp(-math.log(100.0) * torch.arange(0, width, 2, dtype=torch.float32) / width)
+    waves = torch.zeros(length, width)
+    waves[:, 0::2] = torch.sin(position * frequency)
+    waves[:, 1::2] = torch.cos(position * frequency)
+    return waves
+
+
+def init_sinusoidal_positions(model: TextModel, amplitude: float) -> None:
+    """Set the positional embedding of ``model``'s text path [text_ctx x width] to
+    ``amplitude`` x ``sinusoids``: a U-Net's ``positional_embedding`` (and its
+    ``padding_embedding``, which replaces it at padding positions, gets the same waves added)
+    or a CLIP text encoder's ``w_pos``.
 
     A random positional embedding has to be learned per position, so a byte-level encoder
     trained on a few wordings reads a word differently at positions those wordings rarely put
     it; with sinusoids, moving a word shifts every position by the same rotation.
     """
-    ctx, width = model.positional_embedding.shape
-    position = torch.arange(ctx, dtype=torch.float32)[:, None]
-    frequency = torch.exp(-math.log(100.0) * torch.arange(0, width, 2, dtype=torch.float32) / width)
-    waves = torch.zeros(ctx, width)
-    waves[:, 0::2] = torch.sin(position * frequency)
-    waves[:, 1::2] = torch.cos(position * frequency)
-    waves = amplitude * waves.to(model.positional_embedding)
+    if isinstance(model, CLIPModel):
+        positions, padding = model.text_encoder.blocks["input"].w_pos, None
+    else:
+        positions = model.positional_embedding
+        padding = model.padding_embedding if model.xf_padding else None
+    waves = amplitude * sinusoids(*positions.shape).to(positions)
     with torch.no_grad():
-        model.positional_embedding.copy_(waves)
-        if model.xf_padding:
-            model.padding_embedding.add_(waves)
+        positions.copy_(waves)
+        if padding is not None:
+            padding.add_(waves)
 
 
 class ConvImageEncoder(nn.Module):
@@ -160,18 +177,20 @@ def pretrain_text_encoder(
 
 
 def pretrain_text_encoder_on_labels(
-    model: Text2ImUNet,
+    model: TextModel,
     draw: Callable[[random.Random], Tuple[str, Sequence[int]]],
     num_classes: Sequence[int],
     config: TextPretrainConfig,
     log: Optional[Callable[[Dict[str, float]], None]] = None,
 ) -> List[Dict[str, float]]:
-    """Train ``model``'s text path in place to predict each caption's labels from ``xf_proj``.
+    """Train ``model``'s text path in place to predict each caption's labels from its embedding.
 
+    ``model`` is a text-conditional U-Net (the embedding is ``xf_proj`` [N x 4C]) or a noised
+    CLIP (the unit-norm caption embedding [N x n_embd] its contrastive loss compares).
     ``draw(rng)`` returns a fresh caption and its labels, label ``k`` in
     ``range(num_classes[k])``; every step draws ``batch_size`` of them from one
-    ``random.Random(config.seed)``. One linear head per label reads ``xf_proj`` [N x 4C]; the
-    loss is the sum of their cross-entropies. The U-Net's other weights are not touched.
+    ``random.Random(config.seed)``. One linear head per label reads the embedding; the loss is
+    the sum of their cross-entropies. The model's other weights are not touched.
 
     :return: the log rows ``{"step", "loss", "accuracy"}`` (accuracy: the mean over labels of
         the fraction predicted right; means over ``log_every`` steps), each also passed to ``log``.
@@ -180,10 +199,10 @@ def pretrain_text_encoder_on_labels(
         raise ValueError(f"num_classes must list at least one label of at least 2 classes, got {list(num_classes)}")
     device = next(model.parameters()).device
     rng = random.Random(config.seed)
+    embed, width = _caption_embedder(model, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        heads = nn.ModuleList(nn.Linear(model.transformer_proj.out_features, n) for n in num_classes).to(device)
-    encode = UNetCaptionEncoder(model.tokenizer, model.text_ctx)
+        heads = nn.ModuleList(nn.Linear(width, n) for n in num_classes).to(device)
 
     def step_terms() -> Tuple[torch.Tensor, float]:
         captions, labels = [], []
@@ -194,15 +213,33 @@ def pretrain_text_encoder_on_labels(
             captions.append(caption)
             labels.append(list(caption_labels))
         targets = torch.tensor(labels, device=device)
-        xf_proj = _xf_proj(model, encode, captions, device).float()
-        loss, correct = xf_proj.new_zeros(()), 0.0
+        embeddings = embed(captions).float()
+        loss, correct = embeddings.new_zeros(()), 0.0
         for k, head in enumerate(heads):
-            logits = head(xf_proj)
+            logits = head(embeddings)
             loss = loss + F.cross_entropy(logits, targets[:, k])
             correct += (logits.argmax(-1) == targets[:, k]).float().mean().item()
         return loss, correct / len(heads)
 
     return _optimise_text_path(model, list(heads.parameters()), step_terms, config, log)
+
+
+def text_path_parameters(model: TextModel) -> List[nn.Parameter]:
+    """What the pretraining trains: a U-Net's prompt encoder up to and including
+    ``transformer_proj``, or a CLIP's whole text encoder."""
+    if isinstance(model, CLIPModel):
+        return list(model.text_encoder.parameters())
+    return model.text_encoder_parameters() + list(model.transformer_proj.parameters())
+
+
+def _caption_embedder(
+    model: TextModel, device: torch.device
+) -> Tuple[Callable[[Sequence[str]], torch.Tensor], int]:
+    """(captions -> embeddings [N x width], width) of ``model``'s text path."""
+    if isinstance(model, CLIPModel):
+        return model.text_embeddings, model.text_encoder.blocks["output"].f.w.shape[0]
+    encode = UNetCaptionEncoder(model.tokenizer, model.text_ctx)
+    return (lambda captions: _xf_proj(model, encode, captions, device)), model.transformer_proj.out_features
 
 
 def _xf_proj(
@@ -215,7 +252,7 @@ def _xf_proj(
 
 
 def _optimise_text_path(
-    model: Text2ImUNet,
+    model: TextModel,
     extra_params: List[nn.Parameter],
     step_terms: Callable[[], Tuple[torch.Tensor, float]],
     config: TextPretrainConfig,
@@ -225,8 +262,8 @@ def _optimise_text_path(
     ``step_terms()`` returns (with its accuracy); returns the log rows."""
     if config.sinusoidal_positions > 0:
         init_sinusoidal_positions(model, config.sinusoidal_positions)
-    text_params = model.text_encoder_parameters() + list(model.transformer_proj.parameters())
-    optimizer = torch.optim.AdamW(text_params + extra_params, lr=config.lr, weight_decay=config.weight_decay)
+    params = text_path_parameters(model) + extra_params
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     rows, totals = [], {"loss": 0.0, "accuracy": 0.0}
     for step in range(config.steps):
         for group in optimizer.param_groups:

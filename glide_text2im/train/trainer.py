@@ -129,9 +129,9 @@ class TrainConfig:
     :param sample_steps: the sampler's ``timestep_respacing`` for the grids.
     :param guidance_scale: classifier-free guidance scale of the grids.
     :param num_workers: data-loader worker processes per training process.
-    :param freeze_text_encoder: U-Nets: keep the prompt encoder's weights up to
-        ``transformer_proj`` fixed (``Text2ImUNet.text_encoder_parameters``), e.g. after
-        ``text_pretraining.pretrain_text_encoder``.
+    :param freeze_text_encoder: keep the prompt encoder's weights fixed, e.g. after
+        ``text_pretraining.pretrain_text_encoder``: a U-Net's up to ``transformer_proj``
+        (``Text2ImUNet.text_encoder_parameters``), a CLIP's whole text encoder.
     """
 
     steps: int
@@ -741,9 +741,13 @@ class Trainer:
 
         task.model.to(device)
         if config.freeze_text_encoder:
-            if task.kind == "clip" or not task.model.xf_width:
-                raise ValueError("freeze_text_encoder needs a text-conditional U-Net task")
-            for param in task.model.text_encoder_parameters():
+            if task.kind == "clip":
+                frozen = list(task.model.text_encoder.parameters())
+            elif task.model.xf_width:
+                frozen = task.model.text_encoder_parameters()
+            else:
+                raise ValueError("freeze_text_encoder needs a text-conditional U-Net or a CLIP task")
+            for param in frozen:
                 param.requires_grad_(False)
         module = task.train_module().train()
         if self.context.distributed:

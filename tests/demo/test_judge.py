@@ -81,7 +81,7 @@ def test_blurred_noisy_renders_at_256_are_judged_right():
         (ShapeSpec("square", "yellow", "large", "center", "beige"), (0.5, 0.5)),
         (ShapeSpec("circle", "green", "large", "top right", "gray", dx=-0.02, scale=0.95), (0.73, 0.25)),
         (ShapeSpec("triangle", "purple", "small", "bottom left", "white", dy=0.02), (0.25, 0.77 + 0.2 / 6)),
-        (ShapeSpec("square", "pink", "small", "top right", "black", scale=0.92), (0.75, 0.25)),
+        (ShapeSpec("square", "pink", "small", "top right", "black", scale=0.96), (0.75, 0.25)),
     ],
 )
 def test_hand_chosen_specs(spec, centre):

@@ -36,7 +36,8 @@ def test_sample_spec_is_deterministic_and_covers_every_value():
 def test_low_contrast_pairs_are_excluded():
     assert "gray" not in shapes.backgrounds_for("purple")
     assert "beige" not in shapes.backgrounds_for("pink")
-    assert shapes.backgrounds_for("red") == ("white", "black", "gray", "beige")
+    assert shapes.backgrounds_for("red") == ("white", "black", "gray", "beige", "yellow", "blue")
+    assert "yellow" not in shapes.backgrounds_for("orange") and "blue" not in shapes.backgrounds_for("blue")
     for colour, background in itertools.product(shapes.COLOURS, shapes.BACKGROUNDS):
         contrast = np.linalg.norm(np.subtract(shapes.COLOURS[colour], shapes.BACKGROUNDS[background]))
         assert (background in shapes.backgrounds_for(colour)) == (contrast >= shapes.MIN_CONTRAST)
@@ -54,17 +55,18 @@ def test_shape_spec_rejects_bad_values():
 
 
 def test_render_pixels_of_a_hand_checked_square():
-    # extent 0.38 of 64 px = 24.32 px centred at 32: the square covers x in [19.84, 44.16].
+    # extent 0.40 of 64 px = 25.6 px centred at 32: the square covers x in [19.2, 44.8].
     image = np.asarray(render(ShapeSpec("square", "red", "large", "center", "white"), 64))
     assert image.shape == (64, 64, 3) and image.dtype == np.uint8
     assert image[32, 32].tolist() == [215, 25, 35]
     assert image[0, 0].tolist() == [255, 255, 255]
-    # Column 19: one of the four sub-columns (19.875) is inside, so a quarter of the red.
-    assert image[32, 19].tolist() == [245, 198, 200]
+    # Column 19: three of the four sub-columns (19.375, 19.625, 19.875) are inside, so three
+    # quarters of the red (82.5 rounds to the even 82).
+    assert image[32, 19].tolist() == [225, 82, 90]
     assert image[32, 18].tolist() == [255, 255, 255]
-    # Column 44 mirrors it: only its first sub-column (44.125) is inside.
+    # Column 44 mirrors it: its first three sub-columns (up to 44.625) are inside.
     assert image[32, 43].tolist() == [215, 25, 35]
-    assert image[32, 44].tolist() == [245, 198, 200]
+    assert image[32, 44].tolist() == [225, 82, 90]
     assert image[32, 45].tolist() == [255, 255, 255]
 
 
@@ -224,6 +226,32 @@ def test_parse_prompt_reads_free_text():
     assert parse_prompt("an armchair in the shape of an avocado") == PartialSpec()
     with pytest.raises(TypeError):
         parse_prompt(None)
+
+
+def test_parse_prompt_reads_yellow_and_blue_as_the_background_only_beside_a_cue():
+    blue_on_yellow = PartialSpec("triangle", "blue", None, None, "yellow")
+    assert parse_prompt("a blue triangle on a yellow background") == blue_on_yellow
+    yellow_on_blue = PartialSpec("triangle", "yellow", None, None, "blue")
+    assert parse_prompt("a yellow triangle on a blue background") == yellow_on_blue
+    assert parse_prompt("the background is blue, the circle is yellow") == PartialSpec(
+        "circle", "yellow", None, None, "blue"
+    )
+    assert parse_prompt("yellow scene showing a blue square") == PartialSpec("square", "blue", None, None, "yellow")
+    assert parse_prompt("blue on yellow") == PartialSpec(colour="blue", background="yellow")
+    assert parse_prompt("a square with yellow all around") == PartialSpec(shape="square", background="yellow")
+    # Without a cue a shape colour is the shape's, a background-only colour the background's.
+    assert parse_prompt("yellow black circle") == PartialSpec(shape="circle", colour="yellow", background="black")
+    # Red is no background colour: a red background is not read at all.
+    assert parse_prompt("a blue circle on a red background") == PartialSpec(shape="circle", colour="blue")
+
+
+def test_no_random_filler_is_a_background_cue():
+    rng = random.Random(0)
+    fillers = {shapes._filler(rng) for _ in range(20000)}
+    cues = (*shapes.BACKGROUND_CUES_BEFORE, *shapes.BACKGROUND_CUES_AFTER)
+    cue_words = {word for cue in cues for word in cue.split()}
+    assert not fillers & cue_words
+    assert {"on", "is"} <= shapes._RESERVED_WORDS
 
 
 def test_iter_examples_is_deterministic_and_prefix_stable():

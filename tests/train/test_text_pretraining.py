@@ -1,5 +1,5 @@
-"""Pretraining a U-Net's text encoder, contrastively or on caption labels: it learns to tell
-captions apart and touches nothing but the text path."""
+"""Pretraining a U-Net's text encoder, contrastively or on caption labels, and a CLIP's on
+caption labels: it learns to tell captions apart and touches nothing but the text path."""
 
 import math
 
@@ -12,9 +12,10 @@ from glide_text2im.train.text_pretraining import (
     init_sinusoidal_positions,
     pretrain_text_encoder,
     pretrain_text_encoder_on_labels,
+    sinusoids,
 )
 from glide_text2im.train.trainer import build_task
-from tests.train import TINY_UNET_OPTIONS, draw_shape, single_thread
+from tests.train import TINY_CLIP_OPTIONS, TINY_UNET_OPTIONS, draw_shape, single_thread
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60), "yellow": (240, 220, 40)}
 
@@ -174,3 +175,35 @@ def test_sinusoidal_positions_setting_initialises_before_training():
     init_sinusoidal_positions(reference, 0.2)
     assert torch.allclose(model.positional_embedding, reference.positional_embedding, atol=1e-6)
     assert not torch.allclose(model.positional_embedding, tiny_model().positional_embedding, atol=1e-3)
+
+
+def test_label_pretraining_trains_a_clip_text_encoder_and_nothing_else():
+    torch.manual_seed(0)
+    clip = build_task("clip", overrides=TINY_CLIP_OPTIONS).model
+    before = {key: value.clone() for key, value in clip.state_dict().items()}
+    config = TextPretrainConfig(
+        steps=120, batch_size=16, lr=3e-3, warmup_steps=10, sinusoidal_positions=0.1, log_every=20
+    )
+
+    rows = pretrain_text_encoder_on_labels(clip, draw_colour_shape, [len(COLOURS), 2], config)
+
+    assert rows[0]["accuracy"] < 0.6 and rows[-1]["accuracy"] >= 0.95, rows
+    # The heads read the unit-norm embeddings the contrastive loss compares: the four colours
+    # of "a <colour> square" now point apart.
+    with torch.no_grad():
+        z = clip.text_embeddings([f"a {name} square" for name in COLOURS])
+    off_diagonal = (z @ z.T)[~torch.eye(len(COLOURS), dtype=torch.bool)]
+    assert off_diagonal.max() < 0.9, z @ z.T
+    for key, value in clip.state_dict().items():
+        changed = not torch.equal(value, before[key])
+        assert changed == key.startswith("text_encoder."), key
+
+
+def test_sinusoidal_positions_of_a_clip_text_encoder():
+    torch.manual_seed(0)
+    clip = build_task("clip", overrides=TINY_CLIP_OPTIONS).model
+    init_sinusoidal_positions(clip, 0.5)
+    w_pos = clip.text_encoder.blocks["input"].w_pos.detach()
+    assert w_pos.shape == (16, 32)
+    assert torch.allclose(w_pos, 0.5 * sinusoids(16, 32))
+    assert w_pos[3, 4].item() == pytest.approx(0.5 * math.sin(3 * 100.0 ** (-4 / 32)), abs=1e-6)

@@ -312,11 +312,20 @@ def test_freeze_text_encoder_trains_everything_but_the_prompt_encoder(tmp_path):
         assert torch.equal(p, before[name]) == (name in names), name
 
 
-def test_freeze_text_encoder_needs_a_text_conditional_unet(tmp_path):
+def test_freeze_text_encoder_keeps_a_clip_text_encoder_and_trains_its_image_encoder(tmp_path):
+    torch.manual_seed(0)
+    task = tiny_task("clip")
+    before = {name: p.detach().clone() for name, p in task.model.named_parameters()}
+    config = TrainConfig(steps=3, batch_size=2, lr=1e-3, log_every=1, freeze_text_encoder=True)
+    Trainer(task, shape_images(), tmp_path, config).train()
+    for name, p in task.model.named_parameters():
+        assert torch.equal(p, before[name]) == name.startswith("text_encoder."), name
+
+
+def test_freeze_text_encoder_needs_a_text_conditional_unet_or_a_clip(tmp_path):
     config = TrainConfig(steps=1, batch_size=2, freeze_text_encoder=True)
-    for task in (tiny_task("clip"), tiny_task("base", xf_width=0)):
-        with pytest.raises(ValueError, match="freeze_text_encoder needs a text-conditional U-Net"):
-            Trainer(task, shape_images(), tmp_path, config)
+    with pytest.raises(ValueError, match="freeze_text_encoder needs a text-conditional U-Net or a CLIP"):
+        Trainer(tiny_task("base", xf_width=0), shape_images(), tmp_path, config)
 
 
 def test_cli_freeze_text_encoder_fine_tunes_the_unet_only(tmp_path):
