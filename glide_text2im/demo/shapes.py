@@ -372,12 +372,15 @@ def parse_prompt(text: str) -> PartialSpec:
     return PartialSpec(**found)
 
 
+# Every word that names a shape or background colour (synonyms included) -> that colour.
+_COLOUR_WORDS = {word: value for value in (*COLOURS, *BACKGROUNDS) for word in SYNONYMS.get(value, (value,))}
+
+
 def _colour_and_background(words: Sequence[str]) -> Tuple[Optional[str], Optional[str]]:
     """The first shape colour and the first background colour named in ``words``."""
-    colour_names = {word: value for value in (*COLOURS, *BACKGROUNDS) for word in SYNONYMS.get(value, (value,))}
     colour = background = None
     for index, word in enumerate(words):
-        value = colour_names.get(word)
+        value = _COLOUR_WORDS.get(word)
         if value is None:
             continue
         before = " " + " ".join(words[max(0, index - 2) : index])

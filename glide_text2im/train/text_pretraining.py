@@ -156,7 +156,7 @@ def pretrain_text_encoder(
         image_encoder = ConvImageEncoder(image_size, embed_dim).to(device)
         text_head = nn.Linear(model.transformer_proj.out_features, embed_dim).to(device)
     logit_scale = nn.Parameter(torch.tensor(math.log(10.0), device=device))
-    encode = UNetCaptionEncoder(model.tokenizer, model.text_ctx)
+    embed, _ = _caption_embedder(model, device)
     order: List[int] = []
 
     def step_terms() -> Tuple[torch.Tensor, float]:
@@ -166,7 +166,7 @@ def pretrain_text_encoder(
         batch, order = order[: config.batch_size], order[config.batch_size :]
         pairs = [source[index] for index in batch]
         images = torch.stack([image_to_tensor(random_square_crop(image, image_size, rng)) for image, _ in pairs])
-        xf_proj = _xf_proj(model, encode, [caption for _, caption in pairs], device)
+        xf_proj = embed([caption for _, caption in pairs])
         z_text = F.normalize(text_head(xf_proj.float()), dim=-1)
         z_image = F.normalize(image_encoder(images.to(device)), dim=-1)
         terms = contrastive_losses(z_text, z_image, logit_scale.clamp(max=math.log(100.0)))
