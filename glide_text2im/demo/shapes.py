@@ -135,14 +135,18 @@ HELD_OUT_MARKERS = ("image", "one", "showing")
 # strings of letters. They teach a text encoder to find the attribute words wherever they are
 # and to pass over words it has never seen; one trained on the templates alone read "an image
 # of a red circle" as orange. No filler is an attribute word, a background cue or a held-out
-# marker, and every background phrase carries a cue.
+# marker. Every background phrase carries a cue, and every cue has a phrase: the templates use
+# only some of the cues (the held-out ones use others), and an encoder that never saw "over
+# yellow" read it as a yellow shape. ("the background is", not "background is": a colour just
+# before "background" would be read as the background.)
 SCRAMBLED_PHRASES = {
     "shape": ("{}",),
     "colour": ("{}", "{} coloured", "in {}"),
     "size": ("{}", "{} sized", "of {} size"),
     "position": ("in the {}", "at the {}", "{}", "placed {}"),
-    "background": ("{} background", "on {}", "{} backdrop", "on a {} background"),
-}
+    "background": ("on {}", "over {}", "the background is {}", "{} background", "{} backdrop", "{} field",
+                   "{} scene", "{} all around", "on a {} background"),
+}  # fmt: skip
 FILLER_WORDS = ("a", "an", "the", "with", "and", "of", "this", "just", "simple", "flat", "drawn", "picture",
                 "art", "here", "very", "nice", "some", "thing", "see", "look", ",", ":", ";", "-")  # fmt: skip
 

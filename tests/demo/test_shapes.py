@@ -159,7 +159,7 @@ def test_held_out_captions_never_equal_training_captions():
 def test_scrambled_captions_name_every_attribute_in_any_order():
     rng = random.Random(2)
     first_attribute = set()
-    for _ in range(400):
+    for _ in range(2000):
         spec = shapes.sample_spec(rng)
         text = shapes.scrambled_caption(spec, rng)
         assert dataclasses.asdict(parse_prompt(text)) == _attributes(spec), text
@@ -174,6 +174,17 @@ def test_scrambled_captions_name_every_attribute_in_any_order():
     assert "shape" in _words(text)
     with pytest.raises(ValueError, match="unknown attributes"):
         shapes.scrambled_caption(spec, random.Random(0), omit=("hue",))
+
+
+def test_every_background_cue_has_a_scrambled_phrase():
+    # held-out templates use cues the training templates do not: the scrambled phrases teach them all
+    phrases = shapes.SCRAMBLED_PHRASES["background"]
+    for cue in shapes.BACKGROUND_CUES_BEFORE:
+        assert any(phrase.endswith(f"{cue} {{}}") for phrase in phrases), cue
+    for cue in shapes.BACKGROUND_CUES_AFTER:
+        assert any(phrase.startswith(f"{{}} {cue}") for phrase in phrases), cue
+    unused_by_templates = ("over", "field", "scene")
+    assert not any(cue in template for template in shapes.TRAIN_TEMPLATES for cue in unused_by_templates)
 
 
 def _first_index(text, value):
