@@ -126,18 +126,18 @@ CLIP_CONFIG: Dict[str, Any] = dict(
     n_xf_blocks_image=2,
 )
 
-# Measured for the shipped weights on the project's 2-core CPU (both cores): text 281 s,
-# base 1955 s, upsample 196 s, inpaint 181 s, clip 589 s; 53.4 min in all. Over 64 held-out
-# prompts the base draws the asked class for 0.89, place 1.0, size 0.95, colour 0.81 and
-# background 0.92 (see tests/demo/test_demo_models.py; colour 0.90 on 96 other held-out
-# prompts, 0.94 for the same 64 specs in training wording; guidance scales 1.5 to 7 did no
-# better than 3). Yellow and blue are both shape and background colours, so the text encoder
-# reads a colour word's role from the words beside it; before every background cue had a
-# scrambled phrase (``shapes.SCRAMBLED_PHRASES``) the held-out cues "over", "field" and
-# "scene" were unseen and held-out background was 0.67. The upsampler's round-trip MAE is
-# 0.017. CLIP guidance (scale 30) gives the unconditional base the asked colour for 0.71
-# (0.42 before the CLIP's text encoder was pretrained on labels and frozen, 0.54 with 2000
-# instead of 3000 pretraining steps). 800 inpainting steps instead of 400 did not judge better.
+# Measured for the shipped weights on the project's 2-core CPU (both cores): text 288 s,
+# base 2017 s, upsample 196 s, inpaint 185 s, clip 589 s; 54.6 min in all. Over 64 held-out
+# prompts the base draws the asked class for 0.86, place 1.0, size 0.98, colour 0.98 and
+# background 1.0 (see tests/demo/test_demo_models.py). Yellow and blue are both shape and
+# background colours, so the text encoder reads a colour word's role from the words beside
+# it; before every background cue had a scrambled phrase (``shapes.SCRAMBLED_PHRASES``) the
+# held-out cues "over", "field" and "scene" were unseen and held-out background was 0.67.
+# With label heads on ``xf_proj`` alone (not also on the mean ``xf_out`` token the U-Net's
+# attention reads) held-out colour was 0.81 (0.94 for the same specs in training wording).
+# The upsampler's round-trip MAE is 0.017. CLIP guidance (scale 30) gives the unconditional
+# base the asked colour for 0.67 (0.42 before the CLIP's text encoder was pretrained on labels
+# and frozen, 0.54 with 2000 instead of 3000 pretraining steps).
 # What held the base back was its text encoder. Trained only through the denoising loss, it
 # learned the background colour (the largest area of the image) and let the few bytes naming
 # the shape's colour, class and place fade from ``xf_proj``: with the same U-Net and 4500

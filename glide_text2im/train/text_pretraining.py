@@ -183,26 +183,29 @@ def pretrain_text_encoder_on_labels(
     config: TextPretrainConfig,
     log: Optional[Callable[[Dict[str, float]], None]] = None,
 ) -> List[Dict[str, float]]:
-    """Train ``model``'s text path in place to predict each caption's labels from its embedding.
+    """Train ``model``'s text path in place to predict each caption's labels from its embeddings.
 
-    ``model`` is a text-conditional U-Net (the embedding is ``xf_proj`` [N x 4C]) or a noised
-    CLIP (the unit-norm caption embedding [N x n_embd] its contrastive loss compares).
-    ``draw(rng)`` returns a fresh caption and its labels, label ``k`` in
+    ``model`` is a text-conditional U-Net or a noised CLIP. A U-Net's captions are read twice:
+    from ``xf_proj`` [N x 4C] (the last token, added to the timestep embedding) and from the
+    mean of ``xf_out`` over the caption's tokens [N x W] (what its attention layers read). A
+    CLIP's are read from the unit-norm caption embedding [N x n_embd] its contrastive loss
+    compares. ``draw(rng)`` returns a fresh caption and its labels, label ``k`` in
     ``range(num_classes[k])``; every step draws ``batch_size`` of them from one
-    ``random.Random(config.seed)``. One linear head per label reads the embedding; the loss is
-    the sum of their cross-entropies. The model's other weights are not touched.
+    ``random.Random(config.seed)``. One linear head per label and embedding reads it; the loss
+    is the sum of their cross-entropies. The model's other weights are not touched.
 
     :return: the log rows ``{"step", "loss", "accuracy"}`` (accuracy: the mean over labels of
-        the fraction predicted right; means over ``log_every`` steps), each also passed to ``log``.
+        the fraction the first embedding's heads predict right; means over ``log_every``
+        steps), each also passed to ``log``.
     """
     if not num_classes or min(num_classes) < 2:
         raise ValueError(f"num_classes must list at least one label of at least 2 classes, got {list(num_classes)}")
     device = next(model.parameters()).device
     rng = random.Random(config.seed)
-    embed, width = _caption_embedder(model, device)
+    embed, widths = _label_embedder(model, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        heads = nn.ModuleList(nn.Linear(width, n) for n in num_classes).to(device)
+        heads = nn.ModuleList(nn.ModuleList(nn.Linear(width, n) for n in num_classes) for width in widths).to(device)
 
     def step_terms() -> Tuple[torch.Tensor, float]:
         captions, labels = [], []
@@ -213,13 +216,14 @@ def pretrain_text_encoder_on_labels(
             captions.append(caption)
             labels.append(list(caption_labels))
         targets = torch.tensor(labels, device=device)
-        embeddings = embed(captions).float()
-        loss, correct = embeddings.new_zeros(()), 0.0
-        for k, head in enumerate(heads):
-            logits = head(embeddings)
-            loss = loss + F.cross_entropy(logits, targets[:, k])
-            correct += (logits.argmax(-1) == targets[:, k]).float().mean().item()
-        return loss, correct / len(heads)
+        loss, correct = torch.zeros((), device=device), 0.0
+        for view, (embeddings, view_heads) in enumerate(zip(embed(captions), heads)):
+            for k, head in enumerate(view_heads):
+                logits = head(embeddings.float())
+                loss = loss + F.cross_entropy(logits, targets[:, k])
+                if view == 0:
+                    correct += (logits.argmax(-1) == targets[:, k]).float().mean().item()
+        return loss, correct / len(num_classes)
 
     return _optimise_text_path(model, list(heads.parameters()), step_terms, config, log)
 
@@ -242,13 +246,41 @@ def _caption_embedder(
     return (lambda captions: _xf_proj(model, encode, captions, device)), model.transformer_proj.out_features
 
 
+def _label_embedder(
+    model: TextModel, device: torch.device
+) -> Tuple[Callable[[Sequence[str]], Tuple[torch.Tensor, ...]], Tuple[int, ...]]:
+    """(captions -> the embeddings the label heads read, their widths): a CLIP's caption
+    embedding; a U-Net's ``xf_proj`` and its mean ``xf_out`` token."""
+    if isinstance(model, CLIPModel):
+        embed, width = _caption_embedder(model, device)
+        return (lambda captions: (embed(captions),)), (width,)
+    encode = UNetCaptionEncoder(model.tokenizer, model.text_ctx)
+
+    def embed_twice(captions: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        outputs = _text_outputs(model, encode, captions, device)
+        return outputs["xf_proj"], outputs["xf_mean"]
+
+    return embed_twice, (model.transformer_proj.out_features, model.xf_width)
+
+
 def _xf_proj(
     model: Text2ImUNet, encode: UNetCaptionEncoder, captions: Sequence[str], device: torch.device
 ) -> torch.Tensor:
+    return _text_outputs(model, encode, captions, device)["xf_proj"]
+
+
+def _text_outputs(
+    model: Text2ImUNet, encode: UNetCaptionEncoder, captions: Sequence[str], device: torch.device
+) -> Dict[str, torch.Tensor]:
+    """``get_text_emb``'s ``xf_proj`` [N x 4C] and ``xf_mean``, the mean of ``xf_out`` [N x W x T]
+    over each caption's tokens [N x W] (zeros for an empty caption)."""
     encoded = [encode(caption) for caption in captions]
     tokens = torch.stack([item["tokens"] for item in encoded]).to(device)
     mask = torch.stack([item["mask"] for item in encoded]).to(device)
-    return model.get_text_emb(tokens, mask)["xf_proj"]
+    outputs = model.get_text_emb(tokens, mask)
+    weights = mask[:, None, :].to(outputs["xf_out"].dtype)
+    xf_mean = (outputs["xf_out"] * weights).sum(-1) / weights.sum(-1).clamp(min=1.0)
+    return dict(xf_proj=outputs["xf_proj"], xf_mean=xf_mean)
 
 
 def _optimise_text_path(

@@ -133,10 +133,10 @@ def test_label_pretraining_learns_what_captions_say_and_changes_only_the_text_pa
 
     rows = pretrain_text_encoder_on_labels(model, draw_colour_shape, [len(COLOURS), 2], config)
 
-    # log(4) + log(2) = 2.08 is the loss of heads that read nothing from the caption.
-    # Chance accuracy is (1/4 + 1/2) / 2.
+    # log(4) + log(2) = 2.08 is the loss of heads that read nothing from the caption, once for
+    # xf_proj and once for the mean xf_out token. Chance accuracy is (1/4 + 1/2) / 2.
     assert [row["step"] for row in rows] == [20, 40, 60, 80, 100, 120]
-    assert rows[0]["loss"] > 1.5 and rows[-1]["loss"] < 0.15, (rows[0], rows[-1])
+    assert rows[0]["loss"] > 3.0 and rows[-1]["loss"] < 0.3, (rows[0], rows[-1])
     assert rows[0]["accuracy"] < 0.6 and rows[-1]["accuracy"] >= 0.95, rows
     assert colour_spread(model) > 3 * spread_before, (spread_before, colour_spread(model))
     assert_only_the_text_path_changed(model, before)
