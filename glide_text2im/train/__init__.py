@@ -7,6 +7,7 @@ from glide_text2im.train.data import (
     as_source,
     low_res_of,
     random_inpaint_mask,
+    subject_box_mask,
 )
 from glide_text2im.train.trainer import (
     CLIPTask,
@@ -26,6 +27,7 @@ __all__ = [
     "as_source",
     "low_res_of",
     "random_inpaint_mask",
+    "subject_box_mask",
     "CLIPTask",
     "DiffusionTask",
     "TrainConfig",

@@ -57,6 +57,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "(all of it but transformer_proj), e.g. when fine-tuning")  # fmt: skip
     add("--grad-checkpoint", action="store_true", help="gradient checkpointing (U-Nets; less memory, more compute)")
     add("--uncond-prob", type=float, default=d.uncond_prob, help="probability of the empty caption (U-Nets)")
+    add("--subject-mask-prob", type=float, default=d.subject_mask_prob,
+        help="inpaint: probability of erasing the box around the image's subject (on a plain background) "
+        "instead of random regions")
     add("--seed", type=int, default=d.seed, help="seed of the weights, the data order and each example's draws")
     add("--crop-min", type=float, default=d.crop_min_fraction, help="smallest random crop (fraction of short side)")
     add("--log-every", type=int, default=d.log_every, help="steps between log.csv rows")
@@ -134,6 +137,7 @@ def build_trainer(args: argparse.Namespace, context: DistributedContext) -> Trai
         ema_rate=args.ema_rate,
         precision=args.precision,
         uncond_prob=args.uncond_prob,
+        subject_mask_prob=args.subject_mask_prob,
         seed=args.seed,
         crop_min_fraction=args.crop_min,
         log_every=args.log_every,

@@ -10,7 +10,8 @@ source and makes, per example, everything the loss needs:
   ``tokens``/``lens``), replaced by the empty sequence with probability ``uncond_prob``
   (classifier-free guidance training, 20% in the GLIDE paper);
 - inpainting: ``inpaint_image`` = x_start * inpaint_mask and ``inpaint_mask`` [1 x S x S]
-  (1 = known, 0 = erased by random rectangles and ellipses), as the sampler feeds them;
+  (1 = known, 0 = erased by random rectangles and ellipses or, with probability
+  ``subject_mask_prob``, by the box around the image's subject), as the sampler feeds them;
 - super-resolution: ``low_res`` [3 x S/4 x S/4] (see ``low_res_of``).
 
 With a ``patch_size`` P, ``x_start`` is instead a random P x P patch of the S x S image, at
@@ -36,6 +37,9 @@ from torch.utils.data import Dataset, DistributedSampler
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 UPSAMPLE_FACTOR = 4
+# How far (in [-1, 1] units, any channel) a pixel's colour must lie from the border's to
+# count as part of ``subject_box_mask``'s subject: about 13 of 255 levels.
+SUBJECT_THRESHOLD = 0.1
 
 Example = Tuple[Image.Image, str]
 ExampleKey = Union[int, Tuple[int, int]]
@@ -157,6 +161,36 @@ def random_inpaint_mask(size: int, rng: random.Random, max_regions: int = 3) -> 
     return (~erased).float().unsqueeze(0)
 
 
+def subject_box_mask(
+    x_start: torch.Tensor, rng: random.Random, margins: Tuple[int, int] = (2, 8)
+) -> Optional[torch.Tensor]:
+    """Float32 [1 x S x S]: 0 on the box around the subject of ``x_start`` [3 x S x S] in
+    [-1, 1], 1 elsewhere; None where the image has no such subject.
+
+    The subject is every pixel whose colour differs by more than ``SUBJECT_THRESHOLD`` (in any
+    channel) from the median colour of the image's border, as an object on a plain
+    background; its bounding box is grown by a margin of ``margins[0]..margins[1]`` pixels on
+    every side (the same margin; clipped at the image's edges). This is the mask of "replace
+    the object" edits, which random regions rarely match. None where no pixel differs or the
+    grown box covers the whole image.
+    """
+    size = x_start.shape[-1]
+    border = torch.cat([x_start[:, 0], x_start[:, -1], x_start[:, :, 0], x_start[:, :, -1]], dim=1)
+    background = border.median(dim=1).values.view(3, 1, 1)
+    subject = ((x_start - background).abs() > SUBJECT_THRESHOLD).any(dim=0)
+    if not subject.any():
+        return None
+    rows, cols = subject.any(dim=1).nonzero()[:, 0], subject.any(dim=0).nonzero()[:, 0]
+    margin = rng.randint(*margins)
+    top, bottom = max(rows[0].item() - margin, 0), min(rows[-1].item() + margin + 1, size)
+    left, right = max(cols[0].item() - margin, 0), min(cols[-1].item() + margin + 1, size)
+    if (bottom - top) * (right - left) == size * size:
+        return None
+    mask = torch.ones(1, size, size)
+    mask[:, top:bottom, left:right] = 0.0
+    return mask
+
+
 class UNetCaptionEncoder:
     """Captions -> ``{"tokens": int64 [text_ctx], "mask": bool [text_ctx]}`` with a U-Net's tokenizer
     (``model.tokenizer``); the empty caption gives all padding and an all-False mask."""
@@ -196,6 +230,8 @@ class TrainingExamples(Dataset):
         each example draws its ``t`` from it.
     :param uncond_prob: probability of training on the empty caption instead.
     :param inpaint: add ``inpaint_image`` / ``inpaint_mask``.
+    :param subject_mask_prob: probability that an inpainting mask is ``subject_box_mask``
+        (where the image has a subject) instead of ``random_inpaint_mask``.
     :param super_res: add ``low_res``.
     :param seed: the base of every example's random choices.
     :param crop_min_fraction: see ``random_square_crop``.
@@ -211,6 +247,7 @@ class TrainingExamples(Dataset):
         diffusion: Any,
         uncond_prob: float = 0.2,
         inpaint: bool = False,
+        subject_mask_prob: float = 0.0,
         super_res: bool = False,
         seed: int = 0,
         crop_min_fraction: float = 1.0,
@@ -218,6 +255,8 @@ class TrainingExamples(Dataset):
     ):
         if not 0.0 <= uncond_prob <= 1.0:
             raise ValueError(f"uncond_prob must lie in [0, 1], got {uncond_prob}")
+        if not 0.0 <= subject_mask_prob <= 1.0:
+            raise ValueError(f"subject_mask_prob must lie in [0, 1], got {subject_mask_prob}")
         if patch_size is not None and not (
             isinstance(patch_size, int) and 0 < patch_size <= image_size and patch_size % UPSAMPLE_FACTOR == 0
         ):
@@ -232,6 +271,7 @@ class TrainingExamples(Dataset):
         self.diffusion = diffusion
         self.uncond_prob = uncond_prob
         self.inpaint = inpaint
+        self.subject_mask_prob = subject_mask_prob
         self.super_res = super_res
         self.seed = seed
         self.crop_min_fraction = crop_min_fraction
@@ -261,7 +301,11 @@ class TrainingExamples(Dataset):
         example["t"] = self.diffusion.sample_timesteps(1, generator=generator)[0]
         example["noise"] = torch.randn(x_start.shape, generator=generator)
         if self.inpaint:
-            mask = random_inpaint_mask(x_start.shape[-1], rng)
+            mask = None
+            if self.subject_mask_prob and rng.random() < self.subject_mask_prob:
+                mask = subject_box_mask(x_start, rng)
+            if mask is None:
+                mask = random_inpaint_mask(x_start.shape[-1], rng)
             example["inpaint_mask"] = mask
             example["inpaint_image"] = x_start * mask
         if self.super_res:

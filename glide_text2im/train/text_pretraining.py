@@ -257,8 +257,8 @@ def _label_embedder(
     encode = UNetCaptionEncoder(model.tokenizer, model.text_ctx)
 
     def embed_twice(captions: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-        outputs = _text_outputs(model, encode, captions, device)
-        return outputs["xf_proj"], outputs["xf_mean"]
+        outputs, mask = _unet_text_emb(model, encode, captions, device)
+        return outputs["xf_proj"], _mean_token(outputs["xf_out"], mask)
 
     return embed_twice, (model.transformer_proj.out_features, model.xf_width)
 
@@ -266,21 +266,25 @@ def _label_embedder(
 def _xf_proj(
     model: Text2ImUNet, encode: UNetCaptionEncoder, captions: Sequence[str], device: torch.device
 ) -> torch.Tensor:
-    return _text_outputs(model, encode, captions, device)["xf_proj"]
+    return _unet_text_emb(model, encode, captions, device)[0]["xf_proj"]
 
 
-def _text_outputs(
+def _unet_text_emb(
     model: Text2ImUNet, encode: UNetCaptionEncoder, captions: Sequence[str], device: torch.device
-) -> Dict[str, torch.Tensor]:
-    """``get_text_emb``'s ``xf_proj`` [N x 4C] and ``xf_mean``, the mean of ``xf_out`` [N x W x T]
-    over each caption's tokens [N x W] (zeros for an empty caption)."""
+) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    """``get_text_emb`` of the captions (``xf_proj`` [N x 4C], ``xf_out`` [N x W x T]) and their
+    token mask, bool [N x T]."""
     encoded = [encode(caption) for caption in captions]
     tokens = torch.stack([item["tokens"] for item in encoded]).to(device)
     mask = torch.stack([item["mask"] for item in encoded]).to(device)
-    outputs = model.get_text_emb(tokens, mask)
-    weights = mask[:, None, :].to(outputs["xf_out"].dtype)
-    xf_mean = (outputs["xf_out"] * weights).sum(-1) / weights.sum(-1).clamp(min=1.0)
-    return dict(xf_proj=outputs["xf_proj"], xf_mean=xf_mean)
+    return model.get_text_emb(tokens, mask), mask
+
+
+def _mean_token(xf_out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of ``xf_out`` [N x W x T] over each caption's tokens (``mask`` [N x T]): [N x W],
+    zeros for an empty caption."""
+    weights = mask[:, None, :].to(xf_out.dtype)
+    return (xf_out * weights).sum(-1) / weights.sum(-1).clamp(min=1.0)
 
 
 def _optimise_text_path(

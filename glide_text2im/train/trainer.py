@@ -117,6 +117,8 @@ class TrainConfig:
         dynamic loss scale; CUDA only). The weights and the optimiser stay float32.
     :param uncond_prob: probability of training a U-Net on the empty caption (classifier-free
         guidance); the CLIP always sees its captions.
+    :param subject_mask_prob: inpainting U-Nets: probability that an example's mask erases the
+        box around its subject (``data.subject_box_mask``) instead of random regions.
     :param seed: seed of the data order, every example's random draws and the initial weights.
     :param crop_min_fraction: smallest random crop, as a fraction of the shorter image side.
     :param patch_size: U-Nets: train on random ``patch_size`` squares (aligned to the 4-pixel
@@ -144,6 +146,7 @@ class TrainConfig:
     ema_rate: float = 0.9999
     precision: str = "fp32"
     uncond_prob: float = 0.2
+    subject_mask_prob: float = 0.0
     seed: int = 0
     crop_min_fraction: float = 1.0
     patch_size: int = 0
@@ -286,6 +289,7 @@ class DiffusionTask:
             diffusion=self.diffusion,
             uncond_prob=config.uncond_prob,
             inpaint=self.options["inpaint"],
+            subject_mask_prob=config.subject_mask_prob,
             super_res=self.options["super_res"],
             seed=config.seed,
             crop_min_fraction=config.crop_min_fraction,

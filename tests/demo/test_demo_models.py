@@ -3,9 +3,7 @@
 Each test samples a batch with a 25-step sampler at fixed seeds and judges the 64 x 64
 results with ``demo.judge``; the measured figures are in the assertion messages and printed
 (``pytest -s``). Held-out prompts use the shapes module's held-out templates, whose wording no
-training caption has (checked against the demo's training captions). The targets that the
-shipped weights do not reach yet are strict xfails whose reasons give the measured figures:
-a better-trained checkpoint turns them into failures until the marks are removed.
+training caption has (checked against the demo's training captions).
 """
 
 import collections
@@ -298,10 +296,6 @@ def test_inpainting_keeps_every_known_pixel_exactly(inpainted):
     assert not torch.equal(samples[~kept], source[~kept])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="measured with the shipped weights: shape 0.78, colour 0.94 on these 32 replacements",
-)
 def test_inpainting_draws_the_requested_shape_and_colour(inpainted):
     _, _, samples, wanted = inpainted
     scores = accuracy(samples, [shapes.PartialSpec(shape=w.shape, colour=w.colour) for w in wanted])

@@ -21,6 +21,7 @@ from glide_text2im.train.data import (
     low_res_of,
     random_inpaint_mask,
     random_square_crop,
+    subject_box_mask,
 )
 from glide_text2im.train.trainer import build_task
 from tests.train import TINY_CLIP_OPTIONS, shape_images, write_image_folder
@@ -116,6 +117,68 @@ def test_inpaint_masks_are_binary_erase_some_and_repeat_per_seed():
         assert 0.01 < erased < 0.9
     assert torch.equal(masks[3], random_inpaint_mask(32, random.Random(3)))
     assert not torch.equal(masks[3], masks[4])
+
+
+def plain_image_with_subject(rows, cols, size=32):
+    """[3 x size x size]: a plain background with a solid block on ``rows`` x ``cols`` (slices),
+    and one faint pixel (below ``subject_box_mask``'s threshold) in a corner."""
+    image = torch.tensor([-0.6, 0.2, 0.9]).view(3, 1, 1).repeat(1, size, size)
+    image[:, rows, cols] = torch.tensor([0.8, -0.8, 0.1]).view(3, 1, 1)
+    image[1, size - 2, 1] += 0.05
+    return image
+
+
+def erased_box(mask):
+    """(top, bottom, left, right) of the erased pixels of a [1 x S x S] mask, asserting that
+    they form one filled rectangle."""
+    erased = mask[0] == 0
+    rows, cols = erased.any(dim=1).nonzero()[:, 0], erased.any(dim=0).nonzero()[:, 0]
+    top, bottom, left, right = rows[0].item(), rows[-1].item() + 1, cols[0].item(), cols[-1].item() + 1
+    assert erased[top:bottom, left:right].all() and erased.sum() == (bottom - top) * (right - left)
+    return top, bottom, left, right
+
+
+def test_subject_box_mask_erases_the_subjects_box_grown_by_one_margin_on_every_side():
+    image = plain_image_with_subject(slice(10, 16), slice(12, 20))  # rows 10..15, cols 12..19
+    margins = set()
+    for seed in range(30):
+        mask = subject_box_mask(image, random.Random(seed))
+        assert mask.shape == (1, 32, 32) and mask.dtype == torch.float32
+        assert set(mask.unique().tolist()) == {0.0, 1.0}
+        top, bottom, left, right = erased_box(mask)
+        margin = 10 - top
+        assert (top, bottom, left, right) == (10 - margin, 16 + margin, 12 - margin, 20 + margin)
+        margins.add(margin)
+    assert margins == set(range(2, 9))
+    assert torch.equal(subject_box_mask(image, random.Random(4)), subject_box_mask(image, random.Random(4)))
+    # Clipped at the image's edges; the border colour is its median, so a subject may touch it.
+    corner = plain_image_with_subject(slice(0, 5), slice(25, 32))
+    top, bottom, left, right = erased_box(subject_box_mask(corner, random.Random(0)))
+    assert top == 0 and right == 32 and 7 <= bottom <= 13 and 17 <= left <= 23
+
+
+def test_subject_box_mask_is_none_without_a_subject_or_when_the_box_is_everything():
+    plain = plain_image_with_subject(slice(0, 0), slice(0, 0))
+    assert subject_box_mask(plain, random.Random(0)) is None  # the faint pixel is no subject
+    big = plain_image_with_subject(slice(1, 31), slice(1, 31))
+    assert subject_box_mask(big, random.Random(0)) is None
+
+
+def test_examples_erase_the_subject_box_with_subject_mask_prob():
+    source = shape_images(64)[:2]  # a square and a circle, more than 8 px inside their images
+    boxed = examples(source, image_size=64, inpaint=True, subject_mask_prob=1.0)
+    for key in [(0, 0), (0, 1), (5, 0), (5, 1)]:
+        example = boxed[key]
+        top, bottom, left, right = erased_box(example["inpaint_mask"])
+        x_start = example["x_start"]
+        subject = (x_start - x_start[:, :1, :1]).abs().amax(dim=0) > 0.1
+        rows, cols = subject.any(dim=1).nonzero()[:, 0].tolist(), subject.any(dim=0).nonzero()[:, 0].tolist()
+        grown = {rows[0] - top, bottom - 1 - rows[-1], cols[0] - left, right - 1 - cols[-1]}
+        assert len(grown) == 1 and 2 <= grown.pop() <= 8
+    plain = examples(source, image_size=64, inpaint=True)  # subject_mask_prob 0: random regions
+    assert not torch.equal(plain[(0, 0)]["inpaint_mask"], boxed[(0, 0)]["inpaint_mask"])
+    with pytest.raises(ValueError, match="subject_mask_prob must lie in"):
+        examples(source, inpaint=True, subject_mask_prob=1.5)
 
 
 def test_examples_are_fixed_by_seed_epoch_and_index():

@@ -338,3 +338,21 @@ def test_cli_freeze_text_encoder_fine_tunes_the_unet_only(tmp_path):
         assert torch.equal(tuned[key], start[key]), key
     for key in ("transformer_proj.weight", "input_blocks.0.0.weight"):
         assert not torch.equal(tuned[key], start[key]), key
+
+
+def test_cli_subject_mask_prob_reaches_the_inpainting_examples(tmp_path, capsys):
+    data = write_image_folder(tmp_path / "data", size=64)
+    args = ["inpaint", *cli_args(data, tmp_path / "out", 1)[1:]]
+    with pytest.raises(SystemExit):
+        main(args + ["--subject-mask-prob", "1.5"])
+    assert "subject_mask_prob must lie in [0, 1], got 1.5" in capsys.readouterr().err
+    config = TrainConfig(steps=1, batch_size=2, subject_mask_prob=1.0)
+    task = tiny_task("inpaint", image_size=64, channel_mult="1,1,1,1")
+    trainer = Trainer(task, shape_images(64), tmp_path / "direct", config)
+    mask = trainer.dataset[(0, 0)]["inpaint_mask"]  # the red square, on pixels 16..48 of both axes
+    erased = (mask[0] == 0).nonzero()
+    top, left = erased.min(dim=0).values.tolist()
+    bottom, right = erased.max(dim=0).values.tolist()
+    margin = 16 - top
+    assert 2 <= margin <= 8 and (left, bottom, right) == (top, 48 + margin, 48 + margin)
+    assert len(erased) == (bottom - top + 1) ** 2
