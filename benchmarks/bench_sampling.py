@@ -6,7 +6,8 @@ weights (every parameter randomised, so nothing is zero) and prints, in one run 
 - seconds per base step with classifier-free guidance (batch 2: prompt + empty prompt, 64x64)
   and per upsampler step (batch 1, 256x256), for (a) the plain path (reference attention, text
   transformer run at every step: what the original code does) and (b) the fast path (the
-  package's defaults: ``scaled_dot_product_attention``, the text embedding computed once);
+  package's defaults: ``scaled_dot_product_attention``, the text embedding computed once and,
+  on a CPU, channels-last convolution weights and freed activation memory kept for reuse);
 - their ratio, GFLOP per step (``torch.utils.flop_counter``), the fraction of the machine's
   measured GEMM rate each reaches, peak memory, and the max abs difference of (a) and (b);
 - seconds per whole 256x256 image for the notebook's settings (100 ancestral CFG base steps +
@@ -191,6 +192,15 @@ class PeakMemory:
 # ---------------------------------------------------------------------- per-step benchmark
 
 
+def set_path(model, fast: bool, device: torch.device) -> None:
+    """Put ``model`` on the fast path (b): ``scaled_dot_product_attention`` and, on a CPU,
+    channels-last convolution weights (as ``load_model`` stores them there); or on the plain
+    path (a): the reference attention and NCHW weights."""
+    model.use_fast_attention(fast)
+    if device.type == "cpu":
+        model.to(memory_format=torch.channels_last if fast else torch.contiguous_format)
+
+
 def step_benchmark(label: str, model, step: Callable[[Dict[str, torch.Tensor]], torch.Tensor],
                    kwargs: Dict[str, torch.Tensor], device: torch.device, repeats: int) -> Dict[str, Any]:
     """Time ``step(kwargs)`` on the plain path (a); ``finish_step_benchmark`` adds the fast path (b)."""
@@ -208,7 +218,7 @@ def step_benchmark(label: str, model, step: Callable[[Dict[str, torch.Tensor]], 
         text_flops, _ = counted_call(encode_text)
         result["text_s"], _ = timed(encode_text, 1, device)
 
-        model.use_fast_attention(False)
+        set_path(model, False, device)
         with PeakMemory(device) as memory:
             result["plain_flops"], _ = counted_call(lambda: step(fresh()))  # also the warm-up
             result["plain_s"], result["plain_out"] = timed(lambda: step(fresh()), repeats, device)
@@ -221,11 +231,12 @@ def step_benchmark(label: str, model, step: Callable[[Dict[str, torch.Tensor]], 
 def finish_step_benchmark(result: Dict[str, Any], device: torch.device, repeats: int,
                           graph_step: Optional[Callable] = None) -> Dict[str, Any]:
     """Add the fast path (b) to a ``step_benchmark`` result: SDPA, the prompt encoded once, and on
-    a CPU the allocator keeping freed activations (enabled by ``main`` before the first call);
+    a CPU channels-last weights and the allocator keeping freed activations (enabled by ``main``
+    before the first call);
     and (c), ``graph_step`` (the same step from a CUDA graph), when given."""
     model, step, kwargs = result.pop("model"), result.pop("step"), result.pop("kwargs")
     with torch.no_grad():
-        model.use_fast_attention(True)
+        set_path(model, True, device)
         with PeakMemory(device) as memory:
             step(kwargs)  # warm-up; encodes the prompt once
             result["fast_s"], fast_out = timed(lambda: step(kwargs), repeats, device)
@@ -352,8 +363,8 @@ def image_benchmark(args, base, base_options, up, up_options, steps: Dict[str, D
     for setting in image_settings(args.base_steps, args.upsample_steps, args.cuda_graphs):
         path = setting["path"]
         with torch.no_grad():
-            base.use_fast_attention(path != "plain")
-            up.use_fast_attention(path != "plain")
+            set_path(base, path != "plain", device)
+            set_path(up, path != "plain", device)
             if args.full_image:
                 seconds, image = timed(lambda: generate_image(setting, base, base_options, up, up_options, device,
                                                               generator), 1, device)

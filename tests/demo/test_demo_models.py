@@ -27,9 +27,9 @@ from glide_text2im.demo.judge import judge
 from glide_text2im.demo.train import DATA_SEED, STAGE_RECIPES, RenderedShapes
 from glide_text2im.download import load_checkpoint
 from glide_text2im.guidance import ClassifierFreeGuidance, inpaint_denoised_fn
-from glide_text2im.model_creation import create_gaussian_diffusion, create_model_and_diffusion
+from glide_text2im.model_creation import create_gaussian_diffusion
 from glide_text2im.pipelines import CLIPGuidedPipeline, InpaintPipeline, Text2ImPipeline
-from glide_text2im.pipelines.loading import load_clip
+from glide_text2im.pipelines.loading import load_clip, load_model
 from glide_text2im.samplers import sample_dpmpp_2m
 from glide_text2im.train.data import low_res_of
 
@@ -48,10 +48,10 @@ def two_threads():
 
 
 def load_unet(name):
-    """A demo U-Net in float32 eval mode, built from its registered options, and its diffusion."""
-    model, diffusion = create_model_and_diffusion(**dict(demo.options(name), use_fp16=False))
-    model.load_state_dict(load_checkpoint(name, "cpu"))
-    return model.eval(), diffusion
+    """A demo U-Net as the pipelines load it on a CPU (float32, eval mode, channels-last
+    convolution weights, freed memory kept) and its unrespaced diffusion."""
+    loaded = load_model(name, device="cpu", progress=False)
+    return loaded.model, loaded.diffusion(str(loaded.options["diffusion_steps"]))
 
 
 @pytest.fixture(scope="module")
