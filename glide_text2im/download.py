@@ -25,6 +25,8 @@ import urllib3
 from filelock import FileLock
 from tqdm.auto import tqdm
 
+from glide_text2im.checkpoint_io import read_state_dict
+
 MODEL_PATHS: Dict[str, str] = {
     "base": "https://openaipublic.blob.core.windows.net/diffusion/dec-2021/base.pt",
     "upsample": "https://openaipublic.blob.core.windows.net/diffusion/dec-2021/upsample.pt",
@@ -113,6 +115,8 @@ def load_checkpoint(
 ) -> Dict[str, torch.Tensor]:
     """Load checkpoint `name` (see `checkpoint_path`) as a state dict mapped to `device`."""
     path = checkpoint_path(name, progress=progress, cache_dir=cache_dir, chunk_size=chunk_size)
+    if not is_cloud_path(path):
+        return read_state_dict(path, device)
     with _open(path, "rb") as f:
         try:
             return torch.load(f, map_location=device, weights_only=True)
