@@ -261,7 +261,7 @@ def run_clip_guided(args: argparse.Namespace) -> int:
 
 def run_download(args: argparse.Namespace) -> int:
     from .download import LOCAL_CHECKPOINTS, MODEL_PATHS, checkpoint_path
-    from .tokenizer.vocab import VOCAB_URLS, vocab_file
+    from .tokenizer.vocab import VOCAB_NAMES, vocab_file
 
     names = args.names or [*MODEL_PATHS, "vocab"]
     for name in names:
@@ -269,7 +269,7 @@ def run_download(args: argparse.Namespace) -> int:
             known = ", ".join([*MODEL_PATHS, *LOCAL_CHECKPOINTS, "vocab"])
             raise CommandError(f"unknown checkpoint {name!r}: known names are {known}")
     for name in names:
-        paths = [vocab_file(f) for f in VOCAB_URLS] if name == "vocab" else [checkpoint_path(name)]
+        paths = [vocab_file(f) for f in VOCAB_NAMES] if name == "vocab" else [checkpoint_path(name)]
         for path in paths:
             print(path, flush=True)
     return 0

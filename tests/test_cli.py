@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from glide_text2im.pipelines import CLIPGuidedPipeline, InpaintPipeline, Text2ImPipeline
-from glide_text2im.tokenizer.vocab import VOCAB_URLS
+from glide_text2im.tokenizer.vocab import PACKAGED_VOCAB_DIR, VOCAB_NAMES
 from tests.test_pipelines import build_tiny_checkpoints, one_thread  # noqa: F401  (autouse fixture)
 
 BIN = Path(sys.executable).parent
@@ -38,12 +38,8 @@ def tiny(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict:
-    environment = dict(os.environ)
-    environment.update(
-        OMP_NUM_THREADS="1",
-        GLIDE_CACHE_DIR=str(tmp_path_factory.mktemp("cache")),
-        GLIDE_VOCAB_DIR=os.environ["GLIDE_VOCAB_DIR"],
-    )
+    environment = {key: value for key, value in os.environ.items() if key != "GLIDE_VOCAB_DIR"}
+    environment.update(OMP_NUM_THREADS="1", GLIDE_CACHE_DIR=str(tmp_path_factory.mktemp("cache")))
     return environment
 
 
@@ -265,13 +261,12 @@ def test_download_reports_an_unreachable_server_in_one_line(env, tmp_path):
     assert not (tmp_path / "base.pt").exists()
 
 
-def test_download_uses_cached_checkpoints_and_local_vocabularies(env, tmp_path):
+def test_download_uses_cached_checkpoints_and_packaged_vocabularies(env, tmp_path):
     (tmp_path / "upsample.pt").write_bytes(b"already here")
     lines = assert_ok(run(["download", "upsample", "vocab"], dict(env, GLIDE_CACHE_DIR=str(tmp_path))))
-    vocab_dir = Path(env["GLIDE_VOCAB_DIR"])
     assert lines[0] == str(tmp_path / "upsample.pt")
-    assert [Path(line).parent for line in lines[1:]] == [vocab_dir] * len(VOCAB_URLS)
-    assert [Path(line).name.replace(".gz", "") for line in lines[1:]] == list(VOCAB_URLS)
+    assert [Path(line).parent for line in lines[1:]] == [Path(PACKAGED_VOCAB_DIR)] * len(VOCAB_NAMES)
+    assert [Path(line).name.replace(".gz", "") for line in lines[1:]] == list(VOCAB_NAMES)
 
 
 # ---------------------------------------------------------------------- one-line errors

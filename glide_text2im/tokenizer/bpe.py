@@ -113,7 +113,7 @@ class Encoder:
 
 def get_encoder(vocab_dir: Optional[str] = None) -> Encoder:
     """The U-Net tokenizer, built once per vocabulary folder (`vocab_dir`, else
-    `$GLIDE_VOCAB_DIR`, else the downloaded copy; see `glide_text2im.tokenizer.vocab`)."""
+    `$GLIDE_VOCAB_DIR`, else the copy shipped with the package; see `glide_text2im.tokenizer.vocab`)."""
     return _load_encoder(resolve_vocab_dir(vocab_dir))
 
 

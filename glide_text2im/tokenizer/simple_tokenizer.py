@@ -39,8 +39,8 @@ def clean_text(text: str) -> str:
 class SimpleTokenizer:
     """CLIP's BPE tokenizer.
 
-    :param bpe_path: a copy of `bpe_simple_vocab_16e6.txt` (or `.txt.gz`); default: found or
-        downloaded by `glide_text2im.tokenizer.vocab` (`$GLIDE_VOCAB_DIR`, cache, download).
+    :param bpe_path: a copy of `bpe_simple_vocab_16e6.txt` (or `.txt.gz`); default: the one in
+        `$GLIDE_VOCAB_DIR`, else the package's copy (see `glide_text2im.tokenizer.vocab`).
     """
 
     def __init__(self, bpe_path: Optional[str] = None):

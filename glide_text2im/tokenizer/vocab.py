@@ -1,10 +1,12 @@
-"""The tokenizers' vocabulary files: found in a folder the user names, else downloaded once.
+"""The tokenizers' vocabulary files: shipped inside the package, or read from a folder the user names.
 
 Lookup order for a file `name` (e.g. `encoder.json`):
-1. the folder given as `vocab_dir`, else `$GLIDE_VOCAB_DIR`: `name` or `name.gz`;
-2. the cache folder `<default_cache_dir()>/vocab`, where the file is downloaded from its public
-   home (`VOCAB_URLS`) on first use and checked against its published sha256.
-Every copy read is verified: the sha256 of its (decompressed) content must be `VOCAB_SHA256[name]`.
+1. the folder given as `vocab_dir`, else `$GLIDE_VOCAB_DIR`: `name` or `name.gz` (the file must
+   be there once a folder is named);
+2. otherwise the package's own gzip copy in `PACKAGED_VOCAB_DIR` (`glide_text2im/tokenizer/data`).
+Nothing is downloaded. Every copy read is verified: the sha256 of its (decompressed) content must
+be `VOCAB_SHA256[name]`; the packaged copy must also be byte-identical to the shipped file
+(`VOCAB_SHA256[name + ".gz"]`).
 """
 
 import gzip
@@ -15,20 +17,18 @@ from typing import Optional
 
 import blobfile as bf
 
-from glide_text2im.download import DownloadError, IntegrityError, default_cache_dir, fetch_file_cached, is_cloud_path
+from glide_text2im.download import IntegrityError, is_cloud_path
 
 ENCODER_JSON = "encoder.json"
 VOCAB_BPE = "vocab.bpe"
 CLIP_BPE = "bpe_simple_vocab_16e6.txt"
+VOCAB_NAMES = (ENCODER_JSON, VOCAB_BPE, CLIP_BPE)
 
-# Where each file is downloaded from; the last URL component is the cached file name.
-VOCAB_URLS = {
-    ENCODER_JSON: "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
-    VOCAB_BPE: "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-    CLIP_BPE: "https://github.com/openai/CLIP/raw/main/clip/bpe_simple_vocab_16e6.txt.gz",
-}
+PACKAGED_VOCAB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 # sha256 of each file as content (plain name) and as the gzip file GLIDE ships (`.gz` name).
+# The content hashes of encoder.json and vocab.bpe are GPT-2's published ones (the same as
+# tiktoken pins); the CLIP `.gz` is the file OpenAI's CLIP repository ships.
 VOCAB_SHA256 = {
     ENCODER_JSON: "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
     ENCODER_JSON + ".gz": "4debc1cf25180021b07744bc9f4488d53c7bf112c8ce5de8097c6a7518f4ec7c",
@@ -50,32 +50,22 @@ def resolve_vocab_dir(vocab_dir: Optional[str] = None) -> Optional[str]:
     return vocab_dir
 
 
-def vocab_cache_dir() -> str:
-    """`<default_cache_dir()>/vocab`: where downloaded vocabulary files are kept."""
-    base = default_cache_dir()
-    return base.rstrip("/") + "/vocab" if is_cloud_path(base) else os.path.join(base, "vocab")
-
-
-def vocab_file(name: str, vocab_dir: Optional[str] = None, progress: bool = True) -> str:
-    """Path of a copy of vocabulary file `name` (one of `VOCAB_URLS`), downloading it if needed."""
-    if name not in VOCAB_URLS:
-        raise ValueError(f"unknown vocabulary file {name!r}: expected one of {', '.join(VOCAB_URLS)}")
+def vocab_file(name: str, vocab_dir: Optional[str] = None) -> str:
+    """Path of a copy of vocabulary file `name` (one of `VOCAB_NAMES`): in the named folder
+    (`vocab_dir`, else `$GLIDE_VOCAB_DIR`) if one is given, else the packaged copy."""
+    if name not in VOCAB_NAMES:
+        raise ValueError(f"unknown vocabulary file {name!r}: expected one of {', '.join(VOCAB_NAMES)}")
     directory = resolve_vocab_dir(vocab_dir)
-    if directory is not None:
-        for candidate in (name, name + ".gz"):
-            path = os.path.join(directory, candidate)
-            if os.path.isfile(path):
-                return path
-    url = VOCAB_URLS[name]
-    try:
-        return fetch_file_cached(
-            url, progress=progress, cache_dir=vocab_cache_dir(), sha256=VOCAB_SHA256[os.path.basename(url)]
-        )
-    except DownloadError as exc:
-        raise DownloadError(
-            f"{exc}\n  Alternatively put {name} or {name}.gz in a folder and pass it as vocab_dir "
-            "or set $GLIDE_VOCAB_DIR to it."
-        ) from exc
+    if directory is None:
+        return os.path.join(PACKAGED_VOCAB_DIR, name + ".gz")
+    for candidate in (name, name + ".gz"):
+        path = os.path.join(directory, candidate)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(
+        f"vocabulary folder {directory} (from vocab_dir or $GLIDE_VOCAB_DIR) has neither {name} nor {name}.gz; "
+        "put the file there, or name no folder to use the copy shipped with the package"
+    )
 
 
 def read_vocab(name: str, vocab_dir: Optional[str] = None) -> str:
@@ -85,9 +75,17 @@ def read_vocab(name: str, vocab_dir: Optional[str] = None) -> str:
 
 def read_vocab_file(path: str, name: str) -> str:
     """The text of `path`, a copy of vocabulary file `name` (gzip-compressed if it ends in `.gz`),
-    after checking that its content has the sha256 `VOCAB_SHA256[name]`."""
+    after checking that its content has the sha256 `VOCAB_SHA256[name]` (and, for the packaged
+    copy, that the file itself is the shipped one)."""
     with (bf.BlobFile(path, "rb") if is_cloud_path(path) else open(path, "rb")) as f:
         data = f.read()
+    if not is_cloud_path(path) and os.path.abspath(path) == os.path.join(PACKAGED_VOCAB_DIR, name + ".gz"):
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != VOCAB_SHA256[name + ".gz"]:
+            raise IntegrityError(
+                f"the package's copy of {name}.gz ({path}) is damaged: its sha256 is {digest}, expected "
+                f"{VOCAB_SHA256[name + '.gz']}; reinstall glide-text2im"
+            )
     if path.endswith(".gz"):
         try:
             data = gzip.decompress(data)
@@ -97,6 +95,6 @@ def read_vocab_file(path: str, name: str) -> str:
     if digest != VOCAB_SHA256[name]:
         raise IntegrityError(
             f"{path} is not a copy of {name}: the sha256 of its {'decompressed ' if path.endswith('.gz') else ''}"
-            f"content is {digest}, expected {VOCAB_SHA256[name]}. Replace it with the file from {VOCAB_URLS[name]}."
+            f"content is {digest}, expected {VOCAB_SHA256[name]}"
         )
     return data.decode("utf-8")

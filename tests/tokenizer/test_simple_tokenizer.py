@@ -45,8 +45,9 @@ def test_decode_matches_every_golden_case(tokenizer, golden):
     assert wrong == []
 
 
-def test_default_tokenizer_uses_vocab_dir_from_environment(tokenizer, golden):
-    default = SimpleTokenizer()  # conftest points GLIDE_VOCAB_DIR at the shared vocabulary
+def test_default_tokenizer_reads_the_packaged_vocabulary(tokenizer, golden, monkeypatch):
+    monkeypatch.delenv("GLIDE_VOCAB_DIR", raising=False)
+    default = SimpleTokenizer()
     case = golden["cases"][0]
     assert default.encode(case["text"]) == case["tokens"]
     assert default.bpe_ranks == tokenizer.bpe_ranks

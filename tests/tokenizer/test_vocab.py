@@ -1,20 +1,28 @@
-"""Vocabulary files: read from a named folder (plain or gzip), verified, or downloaded and cached."""
+"""Vocabulary files: the package's own verified copies, or a named folder (plain or gzip); never a download."""
 
 import gzip
 import hashlib
 import json
-import time
+import shutil
+import socket
+import urllib.request
 
 import pytest
 
-from glide_text2im.download import DownloadError, IntegrityError
-from glide_text2im.tokenizer import bpe, vocab
+from glide_text2im.download import IntegrityError
+from glide_text2im.tokenizer import bpe, simple_tokenizer, vocab
 from glide_text2im.tokenizer.bpe import get_encoder
 from glide_text2im.tokenizer.simple_tokenizer import SimpleTokenizer
-from glide_text2im.tokenizer.vocab import CLIP_BPE, ENCODER_JSON, VOCAB_BPE, VOCAB_SHA256, read_vocab, vocab_file
-from tests.test_download import FileServer, closed_port_url
-
-NAMES = (ENCODER_JSON, VOCAB_BPE, CLIP_BPE)
+from glide_text2im.tokenizer.vocab import (
+    CLIP_BPE,
+    ENCODER_JSON,
+    PACKAGED_VOCAB_DIR,
+    VOCAB_BPE,
+    VOCAB_NAMES,
+    VOCAB_SHA256,
+    read_vocab,
+    vocab_file,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,21 +39,34 @@ def plain_vocab_dir(vocab_dir, tmp_path):
     """A folder with uncompressed copies of the three vocabulary files."""
     folder = tmp_path / "plain"
     folder.mkdir()
-    for name in NAMES:
+    for name in VOCAB_NAMES:
         (folder / name).write_bytes(gzip.decompress((vocab_dir / f"{name}.gz").read_bytes()))
     return folder
 
 
 @pytest.fixture
-def offline(tmp_path, monkeypatch):
-    """An empty vocabulary folder, an empty cache and download URLs where nothing listens."""
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    monkeypatch.setenv("GLIDE_VOCAB_DIR", str(empty))
-    monkeypatch.setenv("GLIDE_CACHE_DIR", str(tmp_path / "cache"))
-    for name in NAMES:
-        monkeypatch.setitem(vocab.VOCAB_URLS, name, closed_port_url(name))
-    return tmp_path / "cache" / "vocab"
+def fresh_tokenizers():
+    """Forget the tokenizers built so far, so the next ones read their files again."""
+    bpe._load_encoder.cache_clear()
+    simple_tokenizer._load_merges.cache_clear()
+    yield
+    bpe._load_encoder.cache_clear()
+    simple_tokenizer._load_merges.cache_clear()
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every socket connection and urllib request raises (and is recorded)."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access attempted in a test that must work offline")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    return attempts
 
 
 def assert_encodes_golden(encoder, tokenizer, golden_cases) -> None:
@@ -53,28 +74,55 @@ def assert_encodes_golden(encoder, tokenizer, golden_cases) -> None:
     assert [tokenizer.encode(c["text"]) for c in golden_cases["clip"]] == [c["tokens"] for c in golden_cases["clip"]]
 
 
+def test_package_ships_the_three_pinned_files():
+    for name in VOCAB_NAMES:
+        path = f"{PACKAGED_VOCAB_DIR}/{name}.gz"
+        with open(path, "rb") as f:
+            data = f.read()
+        assert hashlib.sha256(data).hexdigest() == VOCAB_SHA256[name + ".gz"]
+        assert hashlib.sha256(gzip.decompress(data)).hexdigest() == VOCAB_SHA256[name]
+
+
+def test_tokenizers_use_the_packaged_copy_offline(golden_cases, fresh_tokenizers, no_network, monkeypatch):
+    monkeypatch.delenv("GLIDE_VOCAB_DIR", raising=False)
+    monkeypatch.setenv("GLIDE_CACHE_DIR", "/nonexistent/glide-cache")  # a download would have to fail here
+    assert [vocab_file(name) for name in VOCAB_NAMES] == [f"{PACKAGED_VOCAB_DIR}/{name}.gz" for name in VOCAB_NAMES]
+    assert_encodes_golden(get_encoder(), SimpleTokenizer(), golden_cases)
+    assert no_network == []
+
+
+def test_no_network_fixture_really_blocks(no_network):
+    with pytest.raises(OSError, match="network access attempted"):
+        socket.create_connection(("127.0.0.1", 9))
+    assert len(no_network) == 1
+
+
 def test_compressed_files_are_read_and_verified(vocab_dir):
-    for name in NAMES:
+    for name in VOCAB_NAMES:
         assert vocab_file(name, str(vocab_dir)) == str(vocab_dir / f"{name}.gz")
         assert hashlib.sha256(read_vocab(name, str(vocab_dir)).encode("utf-8")).hexdigest() == VOCAB_SHA256[name]
     assert read_vocab(VOCAB_BPE, str(vocab_dir)).startswith("#version: 0.2\n")
 
 
-def test_uncompressed_files_are_read_and_verified(plain_vocab_dir, golden_cases, monkeypatch):
-    for name in NAMES:
+def test_named_folder_overrides_the_packaged_copy(plain_vocab_dir, golden_cases, fresh_tokenizers, monkeypatch):
+    for name in VOCAB_NAMES:
         assert vocab_file(name, str(plain_vocab_dir)) == str(plain_vocab_dir / name)
     monkeypatch.setenv("GLIDE_VOCAB_DIR", str(plain_vocab_dir))
+    assert [vocab_file(name) for name in VOCAB_NAMES] == [str(plain_vocab_dir / name) for name in VOCAB_NAMES]
     assert_encodes_golden(get_encoder(), SimpleTokenizer(), golden_cases)
     explicit = get_encoder(str(plain_vocab_dir)), SimpleTokenizer(str(plain_vocab_dir / CLIP_BPE))
     assert_encodes_golden(*explicit, golden_cases)
 
 
-def test_modified_plain_file_is_refused(plain_vocab_dir):
+def test_modified_file_in_named_folder_is_refused(plain_vocab_dir, fresh_tokenizers, monkeypatch):
     path = plain_vocab_dir / ENCODER_JSON
     path.write_bytes(path.read_bytes().replace(b'"!": 0', b'"!": 1'))
-    with pytest.raises(IntegrityError) as info:
-        get_encoder(str(plain_vocab_dir))
-    assert str(path) in str(info.value) and VOCAB_SHA256[ENCODER_JSON] in str(info.value)
+    for build in (lambda: get_encoder(str(plain_vocab_dir)), get_encoder):  # the argument, then the variable
+        monkeypatch.setenv("GLIDE_VOCAB_DIR", str(plain_vocab_dir))
+        with pytest.raises(IntegrityError) as info:
+            build()
+        assert str(path) in str(info.value) and VOCAB_SHA256[ENCODER_JSON] in str(info.value)
+        assert "\n" not in str(info.value)
 
 
 def test_modified_compressed_file_is_refused(vocab_dir, tmp_path):
@@ -87,50 +135,34 @@ def test_modified_compressed_file_is_refused(vocab_dir, tmp_path):
         SimpleTokenizer(str(bad))
 
 
+def test_damaged_packaged_copy_is_refused_in_one_line(golden_cases, tmp_path, fresh_tokenizers, monkeypatch):
+    """A packaged file that is not byte-identical to the shipped one is refused even when its
+    content would be right (here: re-compressed with another gzip header)."""
+    packaged = tmp_path / "data"
+    shutil.copytree(PACKAGED_VOCAB_DIR, packaged)
+    content = gzip.decompress((packaged / f"{VOCAB_BPE}.gz").read_bytes())
+    (packaged / f"{VOCAB_BPE}.gz").write_bytes(gzip.compress(content, mtime=1))
+    monkeypatch.setattr(vocab, "PACKAGED_VOCAB_DIR", str(packaged))
+    monkeypatch.delenv("GLIDE_VOCAB_DIR", raising=False)
+    with pytest.raises(IntegrityError) as info:
+        get_encoder()
+    message = str(info.value)
+    assert f"{VOCAB_BPE}.gz" in message and VOCAB_SHA256[VOCAB_BPE + ".gz"] in message and "\n" not in message
+    case = golden_cases["clip"][0]
+    assert SimpleTokenizer().encode(case["text"]) == case["tokens"]  # the untouched CLIP file still reads
+
+
+def test_named_folder_without_the_file_fails_in_one_line(vocab_dir, tmp_path, fresh_tokenizers, monkeypatch):
+    shutil.copy(vocab_dir / f"{ENCODER_JSON}.gz", tmp_path)  # vocab.bpe is missing
+    monkeypatch.setenv("GLIDE_VOCAB_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError) as info:
+        get_encoder()
+    message = str(info.value)
+    assert VOCAB_BPE in message and str(tmp_path) in message and "\n" not in message
+
+
 def test_bad_names_and_folders_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="unknown vocabulary file"):
         vocab_file("merges.txt", str(tmp_path))
     with pytest.raises(ValueError, match="not a directory"):
         get_encoder(str(tmp_path / "missing"))
-
-
-def test_missing_files_are_downloaded_verified_and_cached(vocab_dir, offline, golden_cases, monkeypatch):
-    files = {
-        ENCODER_JSON: gzip.decompress((vocab_dir / f"{ENCODER_JSON}.gz").read_bytes()),
-        VOCAB_BPE: gzip.decompress((vocab_dir / f"{VOCAB_BPE}.gz").read_bytes()),
-        f"{CLIP_BPE}.gz": (vocab_dir / f"{CLIP_BPE}.gz").read_bytes(),
-    }
-    with FileServer(files) as server:
-        for name in NAMES:
-            monkeypatch.setitem(vocab.VOCAB_URLS, name, server.url("ok", name + ("" if name in files else ".gz")))
-        assert_encodes_golden(get_encoder(), SimpleTokenizer(), golden_cases)
-        for name in NAMES:
-            vocab_file(name, progress=False)
-        assert server.bodies_sent == {name: 1 for name in files}
-    assert sorted(p.name for p in offline.iterdir() if not p.name.endswith(".lock")) == sorted(
-        [*files, *(f"{name}.sha256" for name in files)]
-    )
-
-
-def test_download_with_wrong_bytes_is_refused(vocab_dir, offline, monkeypatch):
-    data = gzip.decompress((vocab_dir / f"{ENCODER_JSON}.gz").read_bytes())
-    with FileServer({ENCODER_JSON: data}) as server:
-        monkeypatch.setitem(vocab.VOCAB_URLS, ENCODER_JSON, server.url("wrong", ENCODER_JSON))
-        with pytest.raises(IntegrityError, match=VOCAB_SHA256[ENCODER_JSON]):
-            get_encoder()
-    assert not (offline / ENCODER_JSON).exists()
-
-
-@pytest.mark.parametrize("unset_vocab_dir", [False, True])
-def test_offline_without_files_fails_fast_with_instructions(offline, monkeypatch, unset_vocab_dir):
-    if unset_vocab_dir:
-        monkeypatch.delenv("GLIDE_VOCAB_DIR")
-        bpe._load_encoder.cache_clear()
-    for build, name in ((get_encoder, ENCODER_JSON), (SimpleTokenizer, CLIP_BPE)):
-        start = time.monotonic()
-        with pytest.raises(DownloadError) as info:
-            build()
-        assert time.monotonic() - start < 3.0
-        message = str(info.value)
-        assert vocab.VOCAB_URLS[name] in message
-        assert "GLIDE_VOCAB_DIR" in message and str(offline) in message
