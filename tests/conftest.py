@@ -1,56 +1,55 @@
-"""Shared fixtures: where the reference data in ``../shared`` lives.
+"""Shared fixtures: the reference data in ``tests/data`` (see ``tests/data/README.md``).
 
-The golden vectors, the checkpoint spec and the tokenizer vocabularies are not part of the
-repository. They are looked up in ``$GLIDE_SHARED_DIR`` or, by default, in the ``shared``
-folder beside the repository checkout. A test that needs them fails with a clear message
-when they are missing.
+Everything the tests read lives in the repository: the golden vectors (``tests/data/golden``),
+the checkpoint spec (``tests/data/spec``) and the tokenizer vocabularies, which ship inside
+the package (``glide_text2im/tokenizer/data``). The golden U-Net and CLIP weights are not
+stored; ``load_golden`` regenerates them from their seeds.
 """
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = Path(os.environ.get("GLIDE_SHARED_DIR", REPO_ROOT.parent / "shared")).resolve()
+from glide_text2im.tokenizer.vocab import PACKAGED_VOCAB_DIR
+from tests.data.golden_weights import regenerated_weights, state_dict_sha256
 
-# The package reads its vocabularies from here instead of downloading them.
-os.environ.setdefault("GLIDE_VOCAB_DIR", str(SHARED_DIR / "vocab"))
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO_ROOT / "tests" / "data"
+GOLDEN_DIR = DATA_DIR / "golden"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-def _require(path: Path) -> Path:
-    if not path.exists():
-        pytest.fail(
-            f"reference data {path} is missing: put the project's 'shared' folder beside the "
-            "repository or point GLIDE_SHARED_DIR at it",
-            pytrace=False,
-        )
-    return path
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    return GOLDEN_DIR
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    return _require(SHARED_DIR)
+def spec_dir() -> Path:
+    return DATA_DIR / "spec"
 
 
 @pytest.fixture(scope="session")
-def golden_dir(shared_dir: Path) -> Path:
-    return _require(shared_dir / "golden")
-
-
-@pytest.fixture(scope="session")
-def spec_dir(shared_dir: Path) -> Path:
-    return _require(shared_dir / "spec")
-
-
-@pytest.fixture(scope="session")
-def vocab_dir(shared_dir: Path) -> Path:
-    return _require(shared_dir / "vocab")
+def vocab_dir() -> Path:
+    """The package's own copy of the three vocabulary files (``*.gz``)."""
+    return Path(PACKAGED_VOCAB_DIR)
 
 
 def load_golden(name: str) -> dict:
-    """Load ``golden/<name>`` (a ``.pt`` file) with ``weights_only=True``."""
-    return torch.load(_require(SHARED_DIR / "golden" / name), weights_only=True)
+    """Load ``tests/data/golden/<name>`` (a ``.pt`` file) with ``weights_only=True``.
+
+    For the U-Net and CLIP files the regenerated weights are filled in under the keys the
+    original files had (``state_dict``; ``text_state_dict`` / ``image_state_dict``) after
+    checking them against the sha256 stored in the file."""
+    golden = torch.load(GOLDEN_DIR / name, weights_only=True)
+    expected = golden.pop("weights_sha256", None)
+    if expected is None:
+        return golden
+    weights = regenerated_weights(golden)
+    for key, state_dict in weights.items():
+        if state_dict_sha256(state_dict) != expected[key]:
+            raise AssertionError(f"golden/{name}: the regenerated {key} does not match its stored sha256")
+    golden.update(weights)
+    return golden

@@ -1,13 +1,16 @@
 """`pip install .` (not editable) into a fresh virtual environment gives a working package.
 
 The repository's packaging files and package are copied to a temporary folder (so the build
-writes nothing into the checkout) and installed with pip's ``--no-deps --no-build-isolation``
-into a new virtual environment. That environment sees the test environment's packages
-(torch, numpy, ...) through a ``.pth`` file, after its own site-packages, so the package is
-imported from the new install. A subprocess outside the repository then imports every
-public module path of the networks, diffusion, tokenizer and CLIP issues.
+writes nothing into the checkout), built into a wheel with pip's ``--no-deps
+--no-build-isolation`` and installed from that wheel into a new virtual environment. That
+environment sees the test environment's packages (torch, numpy, ...) through a ``.pth`` file,
+after its own site-packages, so the package is imported from the new install. A subprocess
+outside the repository, with ``$GLIDE_VOCAB_DIR`` unset, then imports every public module path
+of the networks, diffusion, tokenizer and CLIP issues and tokenizes the golden cases with the
+vocabularies the wheel ships.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,11 +19,13 @@ import sys
 import sysconfig
 import textwrap
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from glide_text2im.tokenizer.vocab import VOCAB_NAMES, VOCAB_SHA256
+from tests.conftest import GOLDEN_DIR, REPO_ROOT
 
 PACKAGING_FILES = ("setup.py", "setup.cfg", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE")
 
@@ -75,14 +80,31 @@ PROBE = textwrap.dedent(
     report["clip_n_embd"] = load_clip_config()["n_embd"]
     report["model_names"] = sorted(MODEL_PATHS)
     report["xf_width"] = model_and_diffusion_defaults()["xf_width"]
+
+    from glide_text2im.tokenizer.bpe import get_encoder
+    from glide_text2im.tokenizer.simple_tokenizer import SimpleTokenizer
+    from glide_text2im.tokenizer.vocab import VOCAB_NAMES, vocab_file
+
+    texts = json.loads(sys.argv[2])
+    report["vocab_files"] = [vocab_file(name) for name in VOCAB_NAMES]
+    report["gpt2_tokens"] = [get_encoder().encode(text) for text in texts["gpt2"]]
+    report["clip_tokens"] = [SimpleTokenizer().encode(text) for text in texts["clip"]]
     print(json.dumps(report))
     """
 )
 
 
+def golden_tokenizer_cases() -> dict:
+    """tokenizer ("gpt2", "clip") -> its 55 golden cases."""
+    return {
+        name: json.loads((GOLDEN_DIR / f"tokenizer_{name}.json").read_text(encoding="utf-8"))["cases"]
+        for name in ("gpt2", "clip")
+    }
+
+
 @pytest.fixture(scope="module")
-def installed_env(tmp_path_factory) -> Path:
-    """A new virtual environment with the package installed from a copy of the repository."""
+def wheel(tmp_path_factory) -> Path:
+    """The wheel pip builds from a copy of the repository's packaging files and package."""
     root = tmp_path_factory.mktemp("package")
     source = root / "source"
     source.mkdir()
@@ -94,8 +116,20 @@ def installed_env(tmp_path_factory) -> Path:
         source / "glide_text2im",
         ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"),
     )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
+         str(root / "wheel"), str(source)],
+        check=True,
+        cwd=root,
+    )
+    (wheel_path,) = (root / "wheel").glob("glide_text2im-*.whl")
+    return wheel_path
 
-    env_dir = root / "venv"
+
+@pytest.fixture(scope="module")
+def installed_env(wheel, tmp_path_factory) -> Path:
+    """A new virtual environment with the package installed from ``wheel``."""
+    env_dir = tmp_path_factory.mktemp("installed") / "venv"
     venv.create(env_dir, with_pip=False)
     python = env_dir / "bin" / "python"
     purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
@@ -103,10 +137,9 @@ def installed_env(tmp_path_factory) -> Path:
     (site_packages / "_test_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
     subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
-         "--no-build-isolation", str(source)],
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps", str(wheel)],
         check=True,
-        cwd=root,
+        cwd=env_dir,
     )
     return env_dir
 
@@ -114,9 +147,10 @@ def installed_env(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def probe_report(installed_env, tmp_path_factory) -> dict:
     outside = tmp_path_factory.mktemp("outside-the-repository")
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "GLIDE_VOCAB_DIR")}
+    texts = {name: [case["text"] for case in cases] for name, cases in golden_tokenizer_cases().items()}
     result = subprocess.run(
-        [str(installed_env / "bin" / "python"), "-c", PROBE, json.dumps(PUBLIC_API)],
+        [str(installed_env / "bin" / "python"), "-c", PROBE, json.dumps(PUBLIC_API), json.dumps(texts)],
         cwd=outside,
         env=env,
         capture_output=True,
@@ -153,3 +187,24 @@ def test_installed_package_has_the_console_command(installed_env):
     script = installed_env / "bin" / "glide-text2im"
     assert script.is_file()
     assert "glide_text2im.cli" in script.read_text()
+
+
+def test_wheel_ships_the_three_pinned_vocabularies(wheel):
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = {
+            Path(name).name: archive.read(name)
+            for name in archive.namelist()
+            if name.startswith("glide_text2im/tokenizer/data/")
+        }
+    assert sorted(shipped) == sorted(f"{name}.gz" for name in VOCAB_NAMES)
+    for file_name, data in shipped.items():
+        assert hashlib.sha256(data).hexdigest() == VOCAB_SHA256[file_name], file_name
+
+
+def test_installed_package_tokenizes_the_golden_cases_with_its_own_vocabularies(probe_report, installed_env):
+    for path in probe_report["vocab_files"]:
+        assert Path(path).resolve().is_relative_to(installed_env.resolve()), path
+    golden = golden_tokenizer_cases()
+    assert len(golden["gpt2"]) == len(golden["clip"]) == 55
+    assert probe_report["gpt2_tokens"] == [case["tokens"] for case in golden["gpt2"]]
+    assert probe_report["clip_tokens"] == [case["tokens"] for case in golden["clip"]]
