@@ -13,8 +13,11 @@ package (``demo/base``, ``demo/upsample``, ``demo/base-inpaint``, ``demo/clip/..
 download, seconds on a CPU, but they only know coloured shapes. Checkpoints named explicitly
 still win.
 
-Images are written as ``<prompt index>-<image index>.png`` with the prompt, its seed and the
-settings as PNG text chunks; the written paths are printed, one per line. Bad input ends the
+Images are written as ``<prompt number>-<image index>.png`` (``00000-0.png``, ...) with the
+prompt, its seed and the settings as PNG text chunks (``PipelineOutput.save_image``, as the
+pipelines save them); the written paths are printed, one per line. Prompts are numbered on
+from the highest number already in ``--out``, so a second run adds files; ``--overwrite``
+numbers from 0 and replaces them. The output folder is created with the first image. Bad input ends the
 command with exit status 1 and a one-line message on stderr. Under ``torchrun`` the prompts
 are shared out across the ranks (prompt i goes to rank i mod WORLD_SIZE), each rank writing
 its own images.
@@ -26,7 +29,6 @@ and sets ``func=function(args) -> exit status``. ``train`` comes from ``glide_te
 import argparse
 import os
 import sys
-import tempfile
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import __version__
@@ -199,22 +201,37 @@ def _add_model_arguments(parser: argparse.ArgumentParser, base: str, upsampler: 
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser, guidance_scale: float, upsample_sampler: str) -> None:
+    from .pipelines.sampling import SAMPLERS
+
+    samplers = ", ".join(SAMPLERS)
     group = parser.add_argument_group("sampling")
     group.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt (default 1)")
     group.add_argument("--seed", type=int, help="seed of the first prompt; prompt i uses seed + i (default: random)")
-    group.add_argument("--guidance-scale", type=float, default=guidance_scale, help=f"default {guidance_scale}")
+    group.add_argument(
+        "--guidance-scale", type=float, default=guidance_scale, help=f"a finite number >= 0 (default {guidance_scale})"
+    )
     group.add_argument("--steps", default="100", help="base timestep respacing: 100, ddim25, fast27, ... (default 100)")
-    group.add_argument("--sampler", default="ancestral", help="base sampler (default ancestral)")
+    group.add_argument("--sampler", default="ancestral", help=f"base sampler: {samplers} (default ancestral)")
     group.add_argument("--upsample-steps", default="fast27", help="upsampler timestep respacing (default fast27)")
-    group.add_argument("--upsample-sampler", default=upsample_sampler, help=f"default {upsample_sampler}")
+    group.add_argument(
+        "--upsample-sampler", default=upsample_sampler, help=f"upsampler sampler: {samplers} (default {upsample_sampler})"
+    )
     group.add_argument("--upsample-temp", type=float, default=0.997, help="upsampler start-noise scale (default 0.997)")
     group.add_argument("--batch-size", type=int, default=4, help="prompts sampled together (default 4)")
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("output")
-    group.add_argument("--out", default="outputs", help="output folder (default ./outputs)")
-    group.add_argument("--grid", action="store_true", help="also write grid.png with all images")
+    group.add_argument("--out", default="outputs", help="output folder, created with the first image (default ./outputs)")
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="number the images from 00000 and replace files of those names "
+        "(default: number on from the highest number already in --out)",
+    )
+    group.add_argument(
+        "--grid", action="store_true", help="also write grid.png with all images (grid-NNNNN.png when numbering on)"
+    )
     group.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -228,6 +245,8 @@ def run_generate(args: argparse.Namespace) -> int:
         _require_file(args.prompts_file, "prompts file")
     _check_common_arguments(args)
     prompts = _read_prompts_file(args.prompts_file) if args.prompts_file else list(args.prompts)
+    if not prompts:
+        raise CommandError(f"prompts file {args.prompts_file} holds no prompts (only blank lines)")
     return _generate(args, prompts, _load_text2im, {}, {})
 
 
@@ -238,11 +257,13 @@ def run_inpaint(args: argparse.Namespace) -> int:
     box = _parse_box(args.box) if args.box is not None else None
     _check_common_arguments(args)
 
-    from .pipelines.images import box_mask, check_mask_fits, load_image, load_mask
+    from .pipelines.images import box_mask, check_mask, load_image, load_mask
+    from .pipelines.validation import check_square_image
 
     image = load_image(args.image)
+    check_square_image(image.size, f"--image {args.image}")
     mask = box_mask(box, image.size) if box is not None else load_mask(args.mask)
-    check_mask_fits(mask.shape, image.size)
+    check_mask(mask, image.size)
     region = {"box": args.box} if box is not None else {"mask": args.mask}
     settings = dict(image=args.image, **region)
     return _generate(args, list(args.prompts), _load_inpaint, dict(image=image, mask=mask), settings)
@@ -316,7 +337,6 @@ def _generate(
     extra_settings: Dict[str, Any],
 ) -> int:
     """Check the models and prompts, load the pipeline, sample this rank's prompts and write the PNG files."""
-    from .pipelines.images import make_grid, save_png
     from .pipelines.loading import check_checkpoint_name, check_prompt_lengths, check_respacing, checkpoint_options
 
     if not prompts:
@@ -334,45 +354,41 @@ def _generate(
     rank, world_size, local_rank = _distributed_env()
     if world_size > 1:
         return _generate_distributed(args, prompts, load, call_kwargs, extra_settings, rank, world_size, local_rank)
+    first = _first_index(args)
     indices = range(len(prompts))
-    written = _sample_and_write(args, prompts, load, call_kwargs, extra_settings, indices, args.device, True)
+    written = _sample_and_write(args, prompts, load, call_kwargs, extra_settings, indices, first, args.device, True)
     if args.grid and written:
-        grid_path = os.path.join(args.out, "grid.png")
-        save_png(make_grid([image for _, image in written]), grid_path, {"prompts": prompts})
-        print(grid_path)
+        _write_grid(args, written, prompts, "grid.png" if first == 0 else f"grid-{first:05d}.png")
     return 0
 
 
 def _generate_distributed(args, prompts, load, call_kwargs, extra_settings, rank, world_size, local_rank) -> int:
-    """One rank of a torchrun job: the seed comes from rank 0, prompts i = rank (mod world_size) are ours."""
+    """One rank of a torchrun job: the seed and first file number come from rank 0, prompts i = rank (mod world_size) are ours."""
     import torch
     import torch.distributed as dist
 
-    from .pipelines.images import make_grid, save_png
-
     dist.init_process_group("gloo")
     try:
-        seed = [args.seed if args.seed is not None else _random_seed()]
-        dist.broadcast_object_list(seed, src=0)
-        args.seed = seed[0]
+        shared = [args.seed if args.seed is not None else _random_seed(), _first_index(args)]
+        dist.broadcast_object_list(shared, src=0)
+        args.seed, first = shared
         device = args.device
         if device is None and torch.cuda.is_available():
             device = f"cuda:{local_rank}"
         indices = range(rank, len(prompts), world_size)
-        written = _sample_and_write(args, prompts, load, call_kwargs, extra_settings, indices, device, rank == 0)
+        written = _sample_and_write(args, prompts, load, call_kwargs, extra_settings, indices, first, device, rank == 0)
         if args.grid and written:
-            grid_path = os.path.join(args.out, f"grid-rank{rank}.png")
-            save_png(make_grid([image for _, image in written]), grid_path, {"prompts": [prompts[i] for i in indices]})
-            print(grid_path)
+            name = f"grid-rank{rank}.png" if first == 0 else f"grid-{first:05d}-rank{rank}.png"
+            _write_grid(args, written, [prompts[i] for i in indices], name)
         dist.barrier()
     finally:
         dist.destroy_process_group()
     return 0
 
 
-def _sample_and_write(args, prompts, load, call_kwargs, extra_settings, indices, device, show_progress) -> list:
-    """Sample prompts[i] for i in ``indices`` (batch by batch) and write one PNG per image."""
-    from .pipelines.images import save_png
+def _sample_and_write(args, prompts, load, call_kwargs, extra_settings, indices, first, device, show_progress) -> list:
+    """Sample prompts[i] for i in ``indices`` (batch by batch) and write one PNG per image, numbered from ``first``."""
+    from .pipelines.images import image_file_name
 
     indices = list(indices)
     if not indices:
@@ -385,22 +401,7 @@ def _sample_and_write(args, prompts, load, call_kwargs, extra_settings, indices,
             raise CommandError(f"--cuda-graphs needs a CUDA device; the models are on {pipe.device}")
         pipe.cuda_graphs = True
     seed = args.seed if args.seed is not None else _random_seed()
-    settings = dict(
-        command=args.command,
-        base_checkpoint=args.base_checkpoint,
-        upsample_checkpoint=upsampler,
-        num_images_per_prompt=args.num_images,
-        guidance_scale=args.guidance_scale,
-        steps=args.steps,
-        sampler=args.sampler,
-        upsample_steps=args.upsample_steps if upsampler else None,
-        upsample_sampler=args.upsample_sampler if upsampler else None,
-        upsample_temp=args.upsample_temp if upsampler else None,
-        dtype=str(pipe.base.model.dtype).replace("torch.", ""),
-        device=pipe.device.type,
-        version=__version__,
-        **extra_settings,
-    )
+    extra_settings = dict(command=args.command, **extra_settings)
     written = []
     for start in range(0, len(indices), args.batch_size):
         batch = indices[start : start + args.batch_size]
@@ -420,12 +421,26 @@ def _sample_and_write(args, prompts, load, call_kwargs, extra_settings, indices,
         )
         for k, image in enumerate(out.images):
             index, j = batch[k // args.num_images], k % args.num_images
-            path = os.path.join(args.out, f"{index:05d}-{j}.png")
-            metadata = dict(prompt=out.prompts[k], seed=str(out.seeds[k]), image_index=str(j), settings=settings)
-            save_png(image, path, metadata)
+            path = os.path.join(args.out, image_file_name(first + index, j))
+            out.save_image(k, path, overwrite=args.overwrite, extra_settings=extra_settings)
             print(path, flush=True)
             written.append((path, image))
     return written
+
+
+def _first_index(args: argparse.Namespace) -> int:
+    """The number of the first prompt's files: 0 with ``--overwrite``, else the next one free in ``--out``."""
+    from .pipelines.images import next_free_index
+
+    return 0 if args.overwrite else next_free_index(args.out)
+
+
+def _write_grid(args: argparse.Namespace, written: list, prompts: List[str], name: str) -> None:
+    from .pipelines.images import make_grid, save_png
+
+    grid_path = os.path.join(args.out, name)
+    save_png(make_grid([image for _, image in written]), grid_path, {"prompts": prompts}, overwrite=args.overwrite)
+    print(grid_path)
 
 
 def _check_samplers(args: argparse.Namespace, upsampler: Optional[str]) -> None:
@@ -449,13 +464,14 @@ def _resolve_checkpoints(args: argparse.Namespace) -> None:
 
 def _check_common_arguments(args: argparse.Namespace) -> None:
     """The checks that need no model: done first, so bad input fails before anything is loaded."""
+    from .pipelines.validation import check_count, check_guidance_scale, check_seed
+
     _resolve_checkpoints(args)
-    for name, value in (("-n", args.num_images), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise CommandError(f"{name} must be at least 1, got {value}")
-    if args.seed is not None and args.seed < 0:
-        raise CommandError(f"--seed must not be negative, got {args.seed}")
-    _prepare_out_dir(args.out)
+    check_count(args.num_images, "-n")
+    check_count(args.batch_size, "--batch-size")
+    check_seed(args.seed, "--seed")
+    check_guidance_scale(args.guidance_scale, "--guidance-scale")
+    _check_out_dir(args.out)
 
 
 def _require_file(path: str, what: str) -> None:
@@ -464,8 +480,16 @@ def _require_file(path: str, what: str) -> None:
 
 
 def _read_prompts_file(path: str) -> List[str]:
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+    """The non-blank lines of a UTF-8 file (a byte-order mark is allowed), stripped."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError as exc:
+        raise CommandError(
+            f"prompts file {path} is not UTF-8 text: byte {exc.object[exc.start]:#04x} at offset {exc.start} "
+            "cannot be decoded; save it as UTF-8"
+        ) from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _parse_box(text: str) -> Tuple[int, int, int, int]:
@@ -476,14 +500,15 @@ def _parse_box(text: str) -> Tuple[int, int, int, int]:
     return x0, y0, x1, y1
 
 
-def _prepare_out_dir(path: str) -> None:
-    """Create the output folder and check that files can be written in it."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        raise CommandError(f"output directory {path} is not writable: {exc.strerror or exc}") from None
+def _check_out_dir(path: str) -> None:
+    """Check that files can be written in the output folder, or in the folder it will be created in; create nothing."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CommandError(f"output directory {path} is not writable: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CommandError(f"output directory {path} is not writable: no permission to write in {existing}")
 
 
 def _distributed_env() -> Tuple[int, int, int]:

@@ -162,6 +162,8 @@ def test_generate_from_a_prompts_file_matches_the_pipeline_batch_by_batch(tiny, 
         assert np.array_equal(pixels(out / name), np.array(image)), name
     assert [png_text(out / name)["prompt"] for name in names] == [p for p in prompts for _ in range(2)]
     assert [png_text(out / name)["seed"] for name in names] == ["10", "10", "11", "11", "12", "12"]
+    pipeline_settings = in_process("text2im", tiny, prompts[2:], num_images_per_prompt=2, seed=[12]).settings
+    assert json.loads(png_text(out / names[5])["settings"]) == dict(pipeline_settings, command="generate")
     grid = pixels(out / "grid.png")
     assert grid.shape == (128, 192, 3)
     assert np.array_equal(grid[64:, 64:128], np.array(expected[4]))
@@ -181,14 +183,14 @@ def test_generate_without_a_seed_records_the_seed_it_drew_and_shows_progress(tin
 
 
 def test_inpaint_with_a_box_or_a_mask_keeps_the_rest_of_the_image(tiny, env, tmp_path):
-    source = np.random.default_rng(3).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    source = np.random.default_rng(3).integers(0, 256, (96, 96, 3), dtype=np.uint8)
     Image.fromarray(source).save(tmp_path / "source.png")
-    mask = np.zeros((32, 48), dtype=np.uint8)
+    mask = np.zeros((48, 48), dtype=np.uint8)
     mask[:, 24:] = 255  # right half at half resolution
     Image.fromarray(mask).save(tmp_path / "mask.png")
     common = ["inpaint", "a corgi", "--image", tmp_path / "source.png", "--seed", "2", *tiny_args(tiny, False, True)]
 
-    by_box_args = [*common, "--box", "48,0,96,64", "--out", tmp_path / "box"]
+    by_box_args = [*common, "--box", "48,0,96,96", "--out", tmp_path / "box"]
     by_mask_args = [*common, "--mask", tmp_path / "mask.png", "--out", tmp_path / "mask"]
     for result in run_concurrently([by_box_args, by_mask_args], env):
         assert_ok(result)
@@ -200,7 +202,7 @@ def test_inpaint_with_a_box_or_a_mask_keeps_the_rest_of_the_image(tiny, env, tmp
     expected = in_process("inpaint", tiny, "a corgi", Image.fromarray(source), mask, seed=2).images[0]
     assert np.array_equal(by_box, np.array(expected))
     settings = json.loads(png_text(tmp_path / "box" / "00000-0.png")["settings"])
-    assert settings["box"] == "48,0,96,64" and settings["guidance_scale"] == 5.0
+    assert settings["box"] == "48,0,96,96" and settings["guidance_scale"] == 5.0
 
 
 def test_clip_guided_writes_the_pipeline_images(tiny, env, tmp_path):
@@ -278,8 +280,14 @@ def test_download_uses_cached_checkpoints_and_local_vocabularies(env, tmp_path):
 def error_cases(tiny: dict, tmp: Path) -> dict:
     """name -> (arguments, expected message pattern): the bad input the issue lists."""
     source = tmp / "source.png"
-    Image.fromarray(np.zeros((64, 96, 3), dtype=np.uint8)).save(source)
+    Image.fromarray(np.zeros((96, 96, 3), dtype=np.uint8)).save(source)
+    Image.fromarray(np.zeros((64, 96, 3), dtype=np.uint8)).save(tmp / "wide.png")
     Image.fromarray(np.zeros((32, 50), dtype=np.uint8)).save(tmp / "odd-mask.png")
+    Image.fromarray(np.zeros((96, 96), dtype=np.uint8)).save(tmp / "black-mask.png")
+    speck = np.zeros((96, 96), dtype=np.uint8)
+    speck[40, 40] = 255  # a quarter of a 64x64 pixel: regenerates nothing
+    Image.fromarray(speck).save(tmp / "speck-mask.png")
+    (tmp / "latin-1.txt").write_bytes("a caf\xe9\n".encode("latin-1"))
     (tmp / "a-file").write_text("not a folder")
     out = ["--out", tmp / "out"]
     fast = tiny_args(tiny, upsample=False)
@@ -293,7 +301,19 @@ def error_cases(tiny: dict, tmp: Path) -> dict:
         "missing mask": ([*inpaint, "--mask", tmp / "nope.png"], r"mask not found: .*nope\.png"),
         "missing checkpoint file": ([*generate, "--base-checkpoint", tmp / "gone.pt"], r"unknown checkpoint '.*gone\.pt'"),
         "unknown checkpoint": ([*generate, "--base-checkpoint", "base-v2"], r"unknown checkpoint 'base-v2': known names"),
-        "mask size": ([*inpaint, "--mask", tmp / "odd-mask.png"], r"the 50x32 mask cannot be mapped onto the 96x64 image"),
+        "mask size": ([*inpaint, "--mask", tmp / "odd-mask.png"], r"the 50x32 mask cannot be mapped onto the 96x96 image"),
+        "empty mask": ([*inpaint, "--mask", tmp / "black-mask.png"], r"the mask has no white pixels: nothing to regenerate"),
+        "mask too small": ([*inpaint, "--mask", tmp / "speck-mask.png"], r"covers no pixel of the 64x64 model image"),
+        "non-square image": (
+            ["inpaint", "a cat", "--image", tmp / "wide.png", "--box", "0,0,10,10", *tiny_args(tiny, False, True), *out],
+            r"--image .*wide\.png is 96x64 pixels but must be square: .* crop it to a square first",
+        ),
+        "nan guidance": ([*generate, "--guidance-scale", "nan"], r"--guidance-scale must be a finite number >= 0, got nan$"),
+        "negative guidance": ([*generate, "--guidance-scale", "-2"], r"--guidance-scale must be a finite number >= 0"),
+        "prompts file not UTF-8": (
+            ["generate", "--prompts-file", tmp / "latin-1.txt", *fast, *out],
+            r"prompts file .*latin-1\.txt is not UTF-8 text: byte 0xe9 at offset 5",
+        ),
         "unwritable out": ([*generate, "--out", tmp / "a-file" / "sub"], r"output directory .* is not writable"),
         "prompt too long": (["generate", "a rather long prompt", *fast, *out], r"has 20 tokens but the model reads at most 16"),
     }
@@ -305,14 +325,17 @@ def error_results(tiny, env, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("errors")
     cases = error_cases(tiny, tmp)
     results = run_concurrently([args for args, _ in cases.values()], env)
-    return {name: (result, pattern) for (name, (_, pattern)), result in zip(cases.items(), results)}
+    results = {name: (result, pattern) for (name, (_, pattern)), result in zip(cases.items(), results)}
+    results["out folder"] = tmp / "out"
+    return results
 
 
 @pytest.mark.parametrize(
     "case",
     [
         "missing prompts file", "missing mask", "missing checkpoint file", "unknown checkpoint", "mask size",
-        "unwritable out", "prompt too long",
+        "unwritable out", "prompt too long", "empty mask", "mask too small", "non-square image", "nan guidance",
+        "negative guidance", "prompts file not UTF-8",
     ],
 )
 def test_bad_input_ends_with_a_one_line_error(error_results, case):
@@ -320,16 +343,56 @@ def test_bad_input_ends_with_a_one_line_error(error_results, case):
     assert_one_line_error(result, pattern)
 
 
+def test_failed_runs_leave_no_output_folder(error_results):
+    """Every error case writes to the same --out; "mask too small" fails after loading the models."""
+    assert not error_results["out folder"].exists()
+
+
+def test_a_second_run_numbers_on_and_overwrite_replaces(tiny, tmp_path, capsys):
+    from glide_text2im.cli import main
+
+    out = tmp_path / "new" / "out"
+    args = ["generate", "a cat", "a dog", "--seed", "1", "--grid", *map(str, tiny_args(tiny, upsample=False))]
+    assert main([*args, "--out", str(out)]) == 0
+    assert main([*args, "--out", str(out), "--seed", "7"]) == 0
+    first_run = ["00000-0.png", "00001-0.png", "grid.png"]
+    second_run = ["00002-0.png", "00003-0.png", "grid-00002.png"]
+    assert capsys.readouterr().out.splitlines() == [str(out / name) for name in first_run + second_run]
+    assert sorted(os.listdir(out)) == sorted(first_run + second_run)
+    assert png_text(out / "00000-0.png")["seed"] == "1" and png_text(out / "00002-0.png")["seed"] == "7"
+
+    assert main([*args, "--out", str(out), "--seed", "9", "--overwrite"]) == 0
+    assert capsys.readouterr().out.splitlines() == [str(out / name) for name in first_run]
+    assert sorted(os.listdir(out)) == sorted(first_run + second_run)
+    assert png_text(out / "00000-0.png")["seed"] == "9" and png_text(out / "00001-0.png")["seed"] == "10"
+    assert png_text(out / "00002-0.png")["seed"] == "7"
+
+
+def test_help_lists_the_registered_samplers_and_the_overwrite_option():
+    from glide_text2im.cli import build_parser
+    from glide_text2im.pipelines.sampling import SAMPLERS
+
+    subparsers = next(action for action in build_parser()._actions if action.dest == "command")
+    help_text = " ".join(subparsers.choices["generate"].format_help().split())
+    assert len(SAMPLERS) >= 4
+    assert f"base sampler: {', '.join(SAMPLERS)} (default ancestral)" in help_text
+    assert f"upsampler sampler: {', '.join(SAMPLERS)} (default ddim)" in help_text
+    assert "--overwrite number the images from 00000 and replace files of those names" in help_text
+
+
 @pytest.mark.parametrize(
     "prefix, suffix, pattern",
     [
         (["inpaint", "a", "--image", "nope.png"], ["--box", "0,0,1,1"], r"image not found: nope\.png"),
         (["inpaint", "a", "--image", "{source}"], ["--box", "1,2,3"], r"--box must be four integers"),
-        (["inpaint", "a", "--image", "{source}"], ["--box", "0,0,97,10"], r"box 0,0,97,10 is empty or lies outside"),
+        (["inpaint", "a", "--image", "{source}"], ["--box", "0,0,97,10"], r"box 0,0,97,10 is empty or lies outside the 96x96 image"),
         (["generate"], [], r"give prompts as arguments or with --prompts-file"),
         (["generate", "a"], ["--sampler", "euler"], r"unknown sampler 'euler'"),
         (["generate", "a"], ["--steps", "fast"], r"invalid timestep respacing 'fast'"),
-        (["generate", "a"], ["-n", "0"], r"-n must be at least 1"),
+        (["generate", "a"], ["-n", "0"], r"-n must be a positive int, got 0"),
+        (["generate", "a"], ["--batch-size", "0"], r"--batch-size must be a positive int, got 0"),
+        (["generate", "a"], ["--seed", "-3"], r"--seed must be an int in \[0, 2\*\*63 - 1\], got -3"),
+        (["generate", "a"], ["--guidance-scale", "inf"], r"--guidance-scale must be a finite number >= 0, got inf"),
         (["generate", "a"], ["--device", "gpu0"], r"unknown device 'gpu0'"),
         (["generate", "a"], ["--dtype", "float8"], r"unknown dtype 'float8'"),
         (["download", "base", "bigger"], None, r"unknown checkpoint 'bigger'"),
@@ -338,7 +401,7 @@ def test_bad_input_ends_with_a_one_line_error(error_results, case):
 def test_more_bad_input_in_process(tiny, tmp_path, capsys, prefix, suffix, pattern):
     from glide_text2im.cli import main
 
-    Image.fromarray(np.zeros((64, 96, 3), dtype=np.uint8)).save(tmp_path / "source.png")
+    Image.fromarray(np.zeros((96, 96, 3), dtype=np.uint8)).save(tmp_path / "source.png")
     args = [arg.format(source=tmp_path / "source.png") for arg in prefix]
     if suffix is not None:
         model_args = tiny_args(tiny, upsample=False, inpaint=prefix[0] == "inpaint")
@@ -347,6 +410,7 @@ def test_more_bad_input_in_process(tiny, tmp_path, capsys, prefix, suffix, patte
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.splitlines()) == 1
     assert ERROR_LINE.fullmatch(captured.err.strip()) and re.search(pattern, captured.err)
+    assert not (tmp_path / "out").exists()
 
 
 def test_every_subcommand_is_registered():

@@ -10,7 +10,9 @@ pixels by several levels, which would hide what the batching test checks.
 """
 
 import functools
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+import glide_text2im
 from glide_text2im import samplers as fast_samplers
 from glide_text2im.download import LOCAL_CHECKPOINTS, register_checkpoint
 from glide_text2im.model_creation import (
@@ -431,14 +434,114 @@ def test_prompt_longer_than_the_context_raises_unless_truncation_is_asked(text2i
         (dict(seed=1, generator=torch.Generator()), "not both"),
         (dict(generator=torch.Generator()), "one torch.Generator per prompt"),
         (dict(seed=[1]), "one seed per prompt"),
-        (dict(seed=-1), r"seeds must be integers in \[0, 2\*\*63 - 1\]"),
-        (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+        (dict(seed=-1), r"seed must be an int in \[0, 2\*\*63 - 1\], got -1"),
+        (dict(seed=[1, 2**63]), r"seed must be an int in \[0, 2\*\*63 - 1\]"),
+        (dict(num_images_per_prompt=0), "num_images_per_prompt must be a positive int, got 0"),
+        (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number >= 0, got nan"),
+        (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number >= 0, got inf"),
+        (dict(guidance_scale=-1.0), "guidance_scale must be a finite number >= 0, got -1.0"),
         (dict(steps="fast"), "invalid timestep respacing"),
     ],
 )
 def test_bad_call_arguments_raise_value_errors(text2im, kwargs, message):
     with pytest.raises(ValueError, match=message):
         text2im(["a", "b"], **dict(dict(steps=STEPS, upsample=False), **kwargs))
+
+
+def one_line_error(error: type, call, *args, **kwargs) -> str:
+    """The message of the ``error`` that ``call(*args, **kwargs)`` raises, checked to be one line."""
+    with pytest.raises(error) as info:
+        call(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message and message.strip() == message
+    return message
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(prompts=None), TypeError, "prompts must be a str or a sequence of str, got None"),
+        (dict(prompts=123), TypeError, "prompts must be a str or a sequence of str, got 123"),
+        (dict(prompts=["a", 3]), TypeError, r"prompts\[1\] must be a str, got 3"),
+        (dict(prompts=[]), ValueError, "prompts is empty"),
+        (dict(seed=1.5), TypeError, r"seed must be an int >= 0 \(or a list of them, one per prompt\), got 1.5"),
+        (dict(seed=[1, "2"]), TypeError, "seed must be an int >= 0.*got '2'"),
+        (dict(guidance_scale="3"), TypeError, "guidance_scale must be a finite number >= 0, got '3'"),
+        (dict(num_images_per_prompt=1.0), TypeError, "num_images_per_prompt must be a positive int, got 1.0"),
+    ],
+)
+def test_arguments_of_the_wrong_kind_get_one_line_errors_naming_them(text2im, kwargs, error, message):
+    kwargs = dict(dict(prompts=["a", "b"], steps=STEPS, upsample=False), **kwargs)
+    assert re.search(message, one_line_error(error, text2im, kwargs.pop("prompts"), **kwargs))
+
+
+@pytest.mark.parametrize("name", ["inpaint", "clip_guided"])
+def test_every_pipeline_rejects_a_non_finite_guidance_scale(request, name):
+    pipe = request.getfixturevalue(name)
+    region = dict(image=np.zeros((64, 64, 3), np.uint8), mask=np.ones((64, 64))) if name == "inpaint" else {}
+    message = one_line_error(ValueError, pipe, "a", **region, guidance_scale=float("nan"), steps=STEPS)
+    assert message == "guidance_scale must be a finite number >= 0, got nan"
+
+
+def test_inpainting_rejects_a_non_square_image_and_a_mask_that_selects_nothing(inpaint):
+    square, wide = np.zeros((64, 64, 3), np.uint8), np.zeros((64, 96, 3), np.uint8)
+    message = one_line_error(ValueError, inpaint, "a", wide, np.ones((64, 96)), steps=STEPS)
+    assert message.startswith("image is 96x64 pixels but must be square") and "crop it to a square" in message
+    message = one_line_error(ValueError, inpaint, "a", square, np.zeros((64, 64)), steps=STEPS)
+    assert message == "the mask has no white pixels: nothing to regenerate"
+    speck = np.zeros((256, 256), np.float32)
+    speck[10, 10] = 1.0  # 1/16 of a 64x64 pixel
+    message = one_line_error(ValueError, inpaint, "a", square, speck, steps=STEPS)
+    assert "covers no pixel of the 64x64 model image" in message and "nothing to regenerate" in message
+
+
+def test_output_save_writes_the_commands_metadata_and_never_overwrites_by_default(text2im, tiny, tmp_path):
+    out = text2im(["a red cube", "a cat"], num_images_per_prompt=2, steps=STEPS, upsample_steps=UPSAMPLE_STEPS, seed=3)
+    folder = tmp_path / "new" / "folder"
+    names = ["00000-0.png", "00000-1.png", "00001-0.png", "00001-1.png"]
+    assert out.save(str(folder)) == [str(folder / name) for name in names]
+    with Image.open(folder / "00001-1.png") as image:
+        text = dict(image.text)
+        assert np.array_equal(np.array(image), np.array(out.images[3]))
+    assert text["prompt"] == "a cat" and text["seed"] == "4" and text["image_index"] == "1"
+    settings = json.loads(text["settings"])
+    assert settings == dict(
+        base_checkpoint=tiny["base"], upsample_checkpoint=tiny["upsample"], num_images_per_prompt=2,
+        guidance_scale=3.0, steps=STEPS, sampler="ancestral", upsample_steps=UPSAMPLE_STEPS,
+        upsample_sampler="ddim", upsample_temp=0.997, dtype="float32", device="cpu", version=glide_text2im.__version__,
+    )
+
+    second = out.save(str(folder))  # numbered on: nothing replaced
+    assert [os.path.basename(p) for p in second] == ["00002-0.png", "00002-1.png", "00003-0.png", "00003-1.png"]
+    first_bytes = (folder / "00000-0.png").read_bytes()
+    base_only = text2im("a dog", steps=STEPS, upsample=False, seed=9)
+    assert base_only.save(str(folder), overwrite=True) == [str(folder / "00000-0.png")]
+    assert (folder / "00000-0.png").read_bytes() != first_bytes
+    assert sorted(os.listdir(folder)) == [f"{i:05d}-{j}.png" for i in range(4) for j in range(2)]
+    settings = json.loads(png_text(folder / "00000-0.png")["settings"])
+    assert settings["upsample_checkpoint"] is None and settings["upsample_steps"] is None
+
+
+def test_output_save_of_generator_runs_leaves_out_the_seed(text2im, tmp_path):
+    out = text2im("a", generator=torch.Generator().manual_seed(1), steps=STEPS, upsample=False)
+    (path,) = out.save(str(tmp_path))
+    assert "seed" not in png_text(path) and png_text(path)["prompt"] == "a"
+
+
+def png_text(path) -> dict:
+    with Image.open(path) as image:
+        return dict(image.text)
+
+
+def test_a_checkpoint_built_with_other_options_gets_a_short_error(tiny):
+    message = one_line_error(ValueError, load_model, tiny["base"], TINY_UPSAMPLER, "cpu")
+    assert message.startswith(f"checkpoint {tiny['base']!r} does not fit the model: ")
+    assert re.search(r"\d+ tensors have other shapes \(first [\w.]+: checkpoint \[\d+(, \d+)*\], model \[", message)
+    assert message.endswith("build the model with the options the checkpoint was trained with")
+    assert len(message) < 400 + len(tiny["base"])
+    demo_message = one_line_error(ValueError, load_model, "demo/base", model_and_diffusion_defaults(), "cpu")
+    assert "tensors have other shapes" in demo_message and "missing" in demo_message
+    assert demo_message.endswith("(glide_text2im.demo.options('demo/base'))") and len(demo_message) < 500
 
 
 def test_upsample_without_an_upsampler_is_an_error(clip_guided):

@@ -9,7 +9,8 @@ and each such section has a check below; a section with commands and no check fa
   come from the test environment), and .ci/run installs it, with the test extra, into a
   fresh one with its dependencies.
 - "The low-level API, as in the original notebooks": run in-process; the official
-  checkpoint names and default options are patched to tiny random weights (no download).
+  checkpoint names and default options are patched to tiny random weights (no download);
+  run again with ``demo = True`` on the shipped demo weights (offline, unpatched).
 - "Weights and vocabularies": the shell lines run in bash with ``$HOME`` in a temporary
   folder; the Python block runs in a folder holding ``glide-weights/base.pt`` (tiny) and
   ``vocab/`` (the reference vocabulary).
@@ -102,9 +103,18 @@ def test_every_readme_section_with_commands_is_checked():
     assert languages <= {"bash", "python"}
 
 
+def section_text(section: str) -> str:
+    """The README text under heading ``section``, up to the next heading, on one line."""
+    text = README.read_text(encoding="utf-8")
+    start = text.index(f"## {section}\n")
+    return " ".join(re.split(r"\n#", text[start + len(section) + 4 :])[0].split())
+
+
 def test_install_command_is_the_one_ci_runs_with_the_test_extra():
     assert commands(block(INSTALL, "bash")) == ["pip install ."]
     assert ["pip", "install", ".[test]"] in ci_commands()
+    cpu_torch = "`pip install torch --index-url https://download.pytorch.org/whl/cpu`"
+    assert f"install the CPU-only PyTorch build first, with {cpu_torch}, and then the package" in section_text(INSTALL)
 
 
 def test_test_commands_are_exactly_what_ci_runs():
@@ -124,10 +134,29 @@ def test_quick_start_generates_a_256_image_from_its_seeded_generator(tiny_weight
     generator = namespace["generator"]
     assert generator.initial_seed() == 0
     assert not torch.equal(generator.get_state(), torch.Generator().manual_seed(0).get_state()), "unused generator"
-    image = np.asarray(Image.open(tmp_path / "corgi.png"))
+    image = np.asarray(Image.open(tmp_path / "sample.png"))
     assert image.shape == (256, 256, 3) and image.dtype == np.uint8
     assert image.std() > 10
     assert namespace["diffusion"].num_timesteps == 100 and namespace["diffusion_up"].num_timesteps == 27
+
+
+def test_quick_start_with_demo_true_runs_offline_on_the_demo_weights(tmp_path, monkeypatch):
+    from glide_text2im.demo.judge import judge
+
+    code = block(QUICK_START, "python")
+    assert code.count("\ndemo = False  #") == 1
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GLIDE_CACHE_DIR", str(tmp_path / "empty-cache"))  # nothing to download
+    namespace = {"__name__": "__main__"}
+    exec(compile(code.replace("\ndemo = False  #", "\ndemo = True  #"), str(README), "exec"), namespace)
+
+    assert (namespace["base_name"], namespace["upsample_name"]) == ("demo/base", "demo/upsample")
+    assert namespace["options"]["prediction"] == "v" and namespace["options"]["tokenizer"] == "byte"
+    image = np.asarray(Image.open(tmp_path / "sample.png"))
+    assert image.shape == (256, 256, 3) and image.dtype == np.uint8
+    seen = judge(image)
+    assert (seen.colour, seen.background) == ("red", "black"), seen  # the prompt's colours
+    assert not (tmp_path / "empty-cache").exists()
 
 
 def test_cache_and_vocab_variables_take_effect(tmp_path, vocab_dir):

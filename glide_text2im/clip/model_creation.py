@@ -7,7 +7,7 @@ caption c, scaled by a guidance scale.
 
 import math
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -40,25 +40,37 @@ CondFn = Callable[..., torch.Tensor]
 class CLIPModel(nn.Module):
     """A text encoder and a noised-image encoder that embed into the same unit sphere.
 
-    ``logit_scale`` is the log of the similarity multiplier (log 100 for the official model);
-    it is a non-persistent buffer, so it follows ``.to()`` but is not a checkpoint weight.
-    The tokenizer is built on first use unless one is given.
+    The original's attributes, with its meaning and constructor order:
+
+    - ``config``: the dict read from the YAML config (``config["image_size"]``, ...);
+    - ``text_encoder``, ``image_encoder``: the two encoders;
+    - ``logit_scale``: float32 scalar tensor, the log of the similarity multiplier
+      ``config["logit_scale"]`` (log 100 for the official model); a non-persistent buffer,
+      so it follows ``.to()`` but is not a checkpoint weight;
+    - ``device``: the device the model is on (given, the model is moved there);
+    - ``tokenizer``: the caption tokenizer (the CLIP ``SimpleTokenizer``, built on first use
+      unless one is given).
     """
 
     def __init__(
         self,
+        config: Dict[str, Any],
         text_encoder: TextEncoder,
         image_encoder: ImageEncoder,
-        logit_scale: float,
+        logit_scale: Union[float, torch.Tensor],
+        device: Optional[Union[str, torch.device]] = None,
         tokenizer: Optional[Any] = None,
     ):
         super().__init__()
+        self.config = config
         self.text_encoder = text_encoder
         self.image_encoder = image_encoder
         self.register_buffer(
-            "logit_scale", torch.tensor(logit_scale, dtype=torch.float32), persistent=False
+            "logit_scale", torch.as_tensor(logit_scale, dtype=torch.float32).detach().clone(), persistent=False
         )
         self._tokenizer = tokenizer
+        if device is not None:
+            self.to(device)
 
     @property
     def device(self) -> torch.device:
@@ -66,12 +78,16 @@ class CLIPModel(nn.Module):
 
     @property
     def tokenizer(self) -> Any:
-        """The CLIP ``SimpleTokenizer`` (loaded lazily: it reads the BPE vocabulary)."""
+        """The caption tokenizer (the CLIP ``SimpleTokenizer`` is loaded lazily: it reads the BPE vocabulary)."""
         if self._tokenizer is None:
             from glide_text2im.tokenizer.simple_tokenizer import SimpleTokenizer
 
             self._tokenizer = SimpleTokenizer()
         return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
 
     def encode_prompts(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Tokenize prompts: -> (tokens [N x max_text_len] int64, lens [N] int64) on ``device``.
@@ -177,6 +193,7 @@ def create_clip_model(
             n_timesteps=config["n_timesteps"],
         )
         return CLIPModel(
+            config,
             text_encoder,
             image_encoder,
             logit_scale=math.log(config["logit_scale"]),

@@ -5,6 +5,7 @@
     pipe = Text2ImPipeline.from_pretrained()            # official "base" + "upsample"
     out = pipe(["a corgi in a field", "a red cube"], num_images_per_prompt=2, seed=0)
     out.images[0].save("corgi.png")                     # 256×256 PIL images, prompt by prompt
+    out.save("outputs")                                 # all of them, with prompt, seed and settings as PNG text
 
 - :class:`Text2ImPipeline`, :class:`InpaintPipeline`, :class:`CLIPGuidedPipeline`
   (``from_pretrained`` loads official names, registered names or local ``.pt`` files with a
@@ -12,7 +13,8 @@
 - :func:`load_model`, :func:`register_checkpoint_options`, :func:`save_options`: checkpoints
   and their options;
 - :func:`register_sampler` and ``SAMPLERS``: samplers by name;
-- :class:`PipelineOutput`; errors :class:`PromptTooLongError`, :class:`NonFiniteOutputError`.
+- :class:`PipelineOutput` (``save``: PNG files with the command's metadata); the argument
+  checks the command shares are in ``validation``; errors :class:`PromptTooLongError`, :class:`NonFiniteOutputError`.
 """
 
 from .base import NonFiniteOutputError, PipelineOutput

@@ -8,29 +8,30 @@ So one prompt gives the notebook's images bit for bit, and a batch of prompts gi
 of running them one by one (up to the rounding of batched kernels).
 """
 
+import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .. import __version__
 from ..cuda_graphs import CUDAGraphStep
 from ..guidance import ClassifierFreeGuidance, DenoisedFn, inpaint_denoised_fn
 from ..noise import GroupedNoise
 from ..respace import SpacedDiffusion
-from .images import round_to_uint8_levels, to_pil_images
+from .images import image_file_name, next_free_index, round_to_uint8_levels, save_png, to_pil_images
 from .loading import LoadedModel, check_model_kind
 from .sampling import Sampler, get_sampler
+from .validation import check_seed
 
 # callback(step, total_steps, sample, pred_xstart): after each step of every stage, with the
 # current samples of all prompts ([N x 3 x S x S], S = 64 for the base stage, 256 for the upsampler).
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 Seed = Union[int, Sequence[int]]
 Generators = Union[torch.Generator, Sequence[torch.Generator]]
-
-MAX_SEED = 2**63 - 1
 
 
 class NonFiniteOutputError(FloatingPointError):
@@ -75,7 +76,9 @@ class PipelineOutput:
     ``images`` are the final images (upsampled when the call upsampled, else the base ones);
     ``prompts`` and ``seeds`` give each image's prompt and the seed of its prompt's generator
     (None when the caller passed generators). The tensors, [N x 3 x S x S] in [-1, 1], are
-    kept with ``return_tensors=True``.
+    kept with ``return_tensors=True``. ``settings`` holds the call's settings (checkpoints,
+    sampler, steps, guidance scale, precision, package version), which :meth:`save` writes
+    into every PNG.
     """
 
     images: List[Image.Image]
@@ -85,6 +88,40 @@ class PipelineOutput:
     seeds: List[Optional[int]]
     samples_64: Optional[torch.Tensor] = None
     samples_256: Optional[torch.Tensor] = None
+    num_images_per_prompt: int = 1
+    settings: Dict[str, Any] = field(default_factory=dict)
+
+    def metadata(self, k: int, extra_settings: Optional[Dict[str, Any]] = None) -> Dict[str, object]:
+        """The PNG text of image ``k``: its prompt, seed and index within its prompt, and the settings."""
+        metadata: Dict[str, object] = dict(prompt=self.prompts[k])
+        if self.seeds[k] is not None:
+            metadata["seed"] = str(self.seeds[k])
+        metadata["image_index"] = str(k % self.num_images_per_prompt)
+        metadata["settings"] = dict(self.settings, **(extra_settings or {}))
+        return metadata
+
+    def save_image(
+        self, k: int, path: str, overwrite: bool = False, extra_settings: Optional[Dict[str, Any]] = None
+    ) -> None:
+        """Write image ``k`` to ``path`` as a PNG with :meth:`metadata` (the command writes its files this way)."""
+        save_png(self.images[k], path, self.metadata(k, extra_settings), overwrite=overwrite)
+
+    def save(self, folder: str = ".", overwrite: bool = False) -> List[str]:
+        """Write every image as ``<folder>/<NNNNN>-<j>.png`` (prompt number NNNNN, its image j) with
+        its prompt, seed and the settings as PNG text; returns the paths.
+
+        Prompts are numbered on from the highest number already in ``folder`` (from 0 with
+        ``overwrite=True``, replacing files of those names), so a second call adds files. The
+        folder is created when the first image is written.
+        """
+        first = 0 if overwrite else next_free_index(folder)
+        paths = []
+        for k in range(len(self.images)):
+            prompt_index, j = divmod(k, self.num_images_per_prompt)
+            path = os.path.join(folder, image_file_name(first + prompt_index, j))
+            self.save_image(k, path, overwrite)
+            paths.append(path)
+        return paths
 
 
 def prompt_generators(
@@ -108,14 +145,13 @@ def prompt_generators(
             if g.device.type != device.type:
                 raise ValueError(f"a generator on {g.device} cannot draw noise on {device}: create it on {device}")
         return generators, [None] * num_prompts
+    check_seed(seed)
     if seed is None:
         seed = secrets.randbelow(2**31)
-    seeds = [seed + k for k in range(num_prompts)] if isinstance(seed, int) else list(seed)
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [int(seed) + k for k in range(num_prompts)]
     if len(seeds) != num_prompts:
         raise ValueError(f"pass one seed per prompt: got {len(seeds)} for {num_prompts} prompts")
-    for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
-            raise ValueError(f"seeds must be integers in [0, 2**63 - 1], got {s!r}")
+    check_seed(seeds, "seed + prompt index")
     return [torch.Generator(device=device).manual_seed(s) for s in seeds], seeds
 
 
@@ -144,7 +180,11 @@ class PromptBatch:
         return GroupedNoise.for_prompts(self.generators, self.num_images_per_prompt, classifier_free)
 
     def output(
-        self, samples_64: torch.Tensor, samples_256: Optional[torch.Tensor], return_tensors: bool
+        self,
+        samples_64: torch.Tensor,
+        samples_256: Optional[torch.Tensor],
+        return_tensors: bool,
+        settings: Dict[str, Any],
     ) -> PipelineOutput:
         """The call's output from its samples [rows x 3 x S x S] in [-1, 1] (``samples_256``: None if not upsampled)."""
         images_64 = to_pil_images(samples_64)
@@ -157,6 +197,8 @@ class PromptBatch:
             seeds=[s for s in self.seeds for _ in range(self.num_images_per_prompt)],
             samples_64=samples_64 if return_tensors else None,
             samples_256=samples_256 if return_tensors else None,
+            num_images_per_prompt=self.num_images_per_prompt,
+            settings=settings,
         )
 
 
@@ -165,6 +207,7 @@ class Upsampling:
     """The settings of a call's upsampling stage; x_T is N(0, I) times ``temp``."""
 
     diffusion: SpacedDiffusion
+    steps: str
     sampler: Sampler
     temp: float
 
@@ -243,7 +286,27 @@ class DiffusionPipeline:
             return None
         if self.upsampler is None:
             raise ValueError("this pipeline has no upsampler: load one or pass upsample=False")
-        return Upsampling(self.upsampler.diffusion(steps), get_sampler(sampler), temp)
+        return Upsampling(self.upsampler.diffusion(steps), str(steps), get_sampler(sampler), temp)
+
+    def _settings(
+        self, num_images_per_prompt: int, guidance_scale: float, steps: Union[str, int], sampler: str,
+        upsampling: Optional[Upsampling],
+    ) -> Dict[str, Any]:
+        """A call's settings as its PNG files record them (JSON-serialisable)."""
+        return dict(
+            base_checkpoint=self.base.name,
+            upsample_checkpoint=self.upsampler.name if upsampling else None,
+            num_images_per_prompt=num_images_per_prompt,
+            guidance_scale=guidance_scale,
+            steps=str(steps),
+            sampler=sampler,
+            upsample_steps=upsampling.steps if upsampling else None,
+            upsample_sampler=upsampling.sampler.name if upsampling else None,
+            upsample_temp=upsampling.temp if upsampling else None,
+            dtype=str(self.base.model.dtype).replace("torch.", ""),
+            device=self.device.type,
+            version=__version__,
+        )
 
     @staticmethod
     def _reporter(
@@ -342,22 +405,3 @@ class DiffusionPipeline:
             denoised_fn=denoised_fn,
         )
 
-
-def check_num_images(num_images_per_prompt: int) -> None:
-    if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int):
-        raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
-    if num_images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
-
-
-def split_prompts(prompts: Union[str, Sequence[str]]) -> List[str]:
-    """A prompt or a list of prompts as a non-empty list of strings."""
-    if isinstance(prompts, str):
-        return [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("prompts is empty: give at least one prompt")
-    for prompt in prompts:
-        if not isinstance(prompt, str):
-            raise TypeError(f"every prompt must be a str, got {type(prompt).__name__}")
-    return prompts

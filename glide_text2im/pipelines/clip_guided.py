@@ -13,9 +13,10 @@ import torch
 
 from ..demo import demo_equivalent
 from ..clip.model_creation import CLIPModel
-from .base import DiffusionPipeline, Generators, PipelineOutput, Seed, StepCallback, check_num_images, split_prompts
+from .base import DiffusionPipeline, Generators, PipelineOutput, Seed, StepCallback
 from .loading import LoadedModel, Options, load_clip, load_model, pick_device
 from .sampling import get_sampler
+from .validation import check_count, check_guidance_scale, check_prompts
 
 
 class CLIPGuidedPipeline(DiffusionPipeline):
@@ -74,8 +75,9 @@ class CLIPGuidedPipeline(DiffusionPipeline):
     ) -> PipelineOutput:
         """Generate with CLIP guidance of strength ``guidance_scale``; the other parameters are
         those of ``Text2ImPipeline.__call__`` (``sampler`` must accept a cond_fn: "ancestral" or "ddim")."""
-        prompts = split_prompts(prompts)
-        check_num_images(num_images_per_prompt)
+        prompts = check_prompts(prompts)
+        check_count(num_images_per_prompt, "num_images_per_prompt")
+        check_guidance_scale(guidance_scale)
         self.check_prompts(prompts, truncate_prompts)
         diffusion, base_sampler = self.base.diffusion(steps), get_sampler(sampler)
         if not base_sampler.supports_cond_fn:
@@ -89,4 +91,5 @@ class CLIPGuidedPipeline(DiffusionPipeline):
                 cond_fn=self.clip.cond_fn(batch.prompt_rows, guidance_scale),
             )
             samples_256 = self._upsample(batch, samples_64, upsampling, report)
-        return batch.output(samples_64, samples_256, return_tensors)
+        settings = self._settings(num_images_per_prompt, guidance_scale, steps, sampler, upsampling)
+        return batch.output(samples_64, samples_256, return_tensors, settings)

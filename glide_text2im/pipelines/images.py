@@ -8,9 +8,11 @@ model paints, black / 0 / False the region kept from the source image. The model
 take the opposite, ``inpaint_mask`` (1 = keep), which :func:`keep_masks` produces.
 """
 
+import io
 import json
 import math
 import os
+import re
 from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
@@ -118,11 +120,23 @@ def keep_masks(
     mask is that one enlarged with nearest neighbours (as in the notebook), so both stages
     agree on the region. Returns ([1 x 1 x base x base], [1 x 1 x up x up]) float32.
     """
-    check_mask_fits(regenerate.shape, image_size)
+    check_mask(regenerate, image_size)
     coverage = F.interpolate(torch.from_numpy(regenerate)[None, None], size=(base_size, base_size), mode="area")
     keep_base = (coverage < 0.5).float().to(device)
+    if bool(keep_base.all()):
+        raise ValueError(
+            f"the mask's white region covers no pixel of the {base_size}x{base_size} model image by half: "
+            "nothing to regenerate; make it larger"
+        )
     keep_upsampled = F.interpolate(keep_base, size=(upsampled_size, upsampled_size), mode="nearest")
     return keep_base, keep_upsampled
+
+
+def check_mask(regenerate: np.ndarray, image_size: Tuple[int, int]) -> None:
+    """Raise a ValueError unless a regenerate-mask [H x W] fits the (width, height) image and selects something."""
+    check_mask_fits(regenerate.shape, image_size)
+    if not regenerate.any():
+        raise ValueError("the mask has no white pixels: nothing to regenerate")
 
 
 def check_mask_fits(mask_shape: Tuple[int, int], image_size: Tuple[int, int]) -> None:
@@ -149,12 +163,43 @@ def make_grid(images: Sequence[Image.Image], columns: int = 0) -> Image.Image:
     return grid
 
 
-def save_png(image: Image.Image, path: str, metadata: Dict[str, object]) -> None:
-    """Write ``image`` as PNG with each metadata entry as a text chunk (non-strings as JSON)."""
+IMAGE_FILE = re.compile(r"(\d{5,})-(\d+)\.png")
+
+
+def image_file_name(prompt_index: int, image_index: int) -> str:
+    """The file name of image ``image_index`` of prompt ``prompt_index``: ``00012-0.png``."""
+    return f"{prompt_index:05d}-{image_index}.png"
+
+
+def next_free_index(folder: str) -> int:
+    """One more than the highest prompt number of the ``NNNNN-j.png`` files in ``folder`` (0 if none)."""
+    if not os.path.isdir(folder):
+        return 0
+    numbers = [int(match.group(1)) for match in map(IMAGE_FILE.fullmatch, os.listdir(folder)) if match]
+    return max(numbers, default=-1) + 1
+
+
+def save_png(image: Image.Image, path: str, metadata: Dict[str, object], overwrite: bool = False) -> None:
+    """Write ``image`` as PNG with each metadata entry as a text chunk (non-strings as JSON).
+
+    The folder is created if needed. An existing file is replaced only with ``overwrite``
+    (else FileExistsError); a write that fails leaves no partial file.
+    """
     info = PngInfo()
     for key, value in metadata.items():
         info.add_text(key, value if isinstance(value, str) else json.dumps(value, sort_keys=True))
-    image.save(path, format="PNG", pnginfo=info)
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG", pnginfo=info)
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    with open(path, "wb" if overwrite else "xb") as f:
+        try:
+            f.write(encoded.getbuffer())
+        except BaseException:
+            f.close()
+            os.remove(path)
+            raise
 
 
 def _open_image(path: Union[str, os.PathLike]) -> Image.Image:

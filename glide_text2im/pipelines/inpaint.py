@@ -12,10 +12,11 @@ import torch
 
 from ..demo import demo_equivalent
 from ..guidance import inpaint_denoised_fn
-from .base import DiffusionPipeline, Generators, PipelineOutput, Seed, StepCallback, check_num_images, split_prompts
+from .base import DiffusionPipeline, Generators, PipelineOutput, Seed, StepCallback
 from .images import ImageLike, image_to_tensor, keep_masks, load_image, load_mask
 from .loading import Options, load_model, pick_device
 from .sampling import get_sampler
+from .validation import check_count, check_guidance_scale, check_prompts, check_square_image
 
 
 class InpaintPipeline(DiffusionPipeline):
@@ -69,17 +70,20 @@ class InpaintPipeline(DiffusionPipeline):
     ) -> PipelineOutput:
         """Regenerate the masked region of ``image`` for each prompt.
 
-        :param image: path, PIL image, [H x W x 3] array or [3 x H x W] tensor in [-1, 1]; it
-            is resized (bicubic) to 64×64 and 256×256 like the notebook does.
+        :param image: a square path, PIL image, [H x W x 3] array or [3 x H x W] tensor in
+            [-1, 1]; it is resized (bicubic) to 64×64 and 256×256 like the notebook does. A
+            non-square image is an error (it would be squashed): crop it first.
         :param mask: the region to regenerate (see ``images.load_mask``), of the image's size
-            or any size with its aspect ratio.
+            or any size with its aspect ratio; it must select at least half of one 64×64 pixel.
         The other parameters are those of ``Text2ImPipeline.__call__`` (the defaults follow
         the inpaint notebook: guidance 5, ancestral upsampling).
         """
-        prompts = split_prompts(prompts)
-        check_num_images(num_images_per_prompt)
+        prompts = check_prompts(prompts)
+        check_count(num_images_per_prompt, "num_images_per_prompt")
+        check_guidance_scale(guidance_scale)
         self.check_prompts(prompts, truncate_prompts)
         source = load_image(image)
+        check_square_image(source.size)
         regenerate = load_mask(mask)
         up_size = self.upsampler.image_size if self.upsampler is not None else 4 * self.base.image_size
         keep_64, keep_256 = keep_masks(regenerate, source.size, self.base.image_size, up_size, self.device)
@@ -98,4 +102,5 @@ class InpaintPipeline(DiffusionPipeline):
                 denoised_fn=inpaint_denoised_fn(model_kwargs["inpaint_image"], model_kwargs["inpaint_mask"]),
             )
             samples_256 = self._upsample(batch, samples_64, upsampling, report, inpaint_256)
-        return batch.output(samples_64, samples_256, return_tensors)
+        settings = self._settings(num_images_per_prompt, guidance_scale, steps, sampler, upsampling)
+        return batch.output(samples_64, samples_256, return_tensors, settings)

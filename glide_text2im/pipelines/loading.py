@@ -43,6 +43,7 @@ from ..model_creation import (
 )
 from ..respace import SpacedDiffusion, space_timesteps
 from ..text2im_model import Text2ImUNet
+from .validation import load_weights
 
 Options = Dict[str, Any]
 
@@ -307,7 +308,7 @@ def load_model(
         retain_freed_memory()
     build_options = dict(options, use_fp16=False, cache_text_emb=False, timestep_respacing="")
     model, _ = create_model_and_diffusion(**build_options)
-    model.load_state_dict(load_checkpoint(checkpoint, "cpu", progress=progress))
+    load_weights(model, load_checkpoint(checkpoint, "cpu", progress=progress), checkpoint)
     model.eval()
     model.to(device)
     set_precision(model, dtype)

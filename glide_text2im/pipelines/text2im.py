@@ -5,9 +5,10 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ..demo import demo_equivalent
-from .base import DiffusionPipeline, Generators, PipelineOutput, Seed, StepCallback, check_num_images, split_prompts
+from .base import DiffusionPipeline, Generators, PipelineOutput, Seed, StepCallback
 from .loading import Options, load_model, pick_device
 from .sampling import get_sampler
+from .validation import check_count, check_guidance_scale, check_prompts
 
 
 class Text2ImPipeline(DiffusionPipeline):
@@ -71,8 +72,9 @@ class Text2ImPipeline(DiffusionPipeline):
         :param truncate_prompts: cut prompts longer than the text context, as the original
             notebooks do silently; by default they raise :class:`PromptTooLongError`.
         """
-        prompts = split_prompts(prompts)
-        check_num_images(num_images_per_prompt)
+        prompts = check_prompts(prompts)
+        check_count(num_images_per_prompt, "num_images_per_prompt")
+        check_guidance_scale(guidance_scale)
         self.check_prompts(prompts, truncate_prompts)
         diffusion, base_sampler = self.base.diffusion(steps), get_sampler(sampler)
         upsampling = self._upsampling(upsample, upsample_steps, upsample_sampler, upsample_temp)
@@ -84,4 +86,5 @@ class Text2ImPipeline(DiffusionPipeline):
                 model_kwargs=model_kwargs, guidance_scale=guidance_scale,
             )
             samples_256 = self._upsample(batch, samples_64, upsampling, report)
-        return batch.output(samples_64, samples_256, return_tensors)
+        settings = self._settings(num_images_per_prompt, guidance_scale, steps, sampler, upsampling)
+        return batch.output(samples_64, samples_256, return_tensors, settings)

@@ -165,3 +165,33 @@ def test_config_with_missing_or_unknown_keys_is_rejected(golden, tmp_path):
     path.write_text(golden["config_yaml"].replace("n_embd: 24\n", "") + "n_layers: 3\n")
     with pytest.raises(ValueError, match=r"missing keys \['n_embd'\], unknown keys \['n_layers'\]"):
         create_clip_model(config_path=path)
+
+
+def test_the_originals_attributes_exist_with_its_meaning(golden, golden_config_path, clip):
+    """The original CLIPModel is a dataclass (config, text_encoder, image_encoder, logit_scale, device, tokenizer)."""
+    import yaml
+
+    assert clip.config == yaml.safe_load(golden["config_yaml"])
+    assert clip.config["image_size"] == 64 and clip.config["n_embd"] == 24
+    assert create_clip_model().config["image_size"] == 64 and create_clip_model().config["patch_size"] == 4
+    assert clip.text_encoder.max_text_len == clip.config["max_text_len"] == 77
+    assert type(clip.image_encoder).__name__ == "ImageEncoder" and type(clip.text_encoder).__name__ == "TextEncoder"
+    assert clip.logit_scale.shape == () and clip.logit_scale.item() == pytest.approx(math.log(clip.config["logit_scale"]))
+    assert clip.device == torch.device("cpu") == clip.logit_scale.device
+    assert isinstance(clip.tokenizer, simple_tokenizer.SimpleTokenizer)
+    assert clip.tokenizer.encode("a corgi") == simple_tokenizer.SimpleTokenizer().encode("a corgi")
+
+
+def test_constructor_takes_the_originals_arguments_in_its_order(golden, clip):
+    class FixedTokenizer:
+        pass
+
+    tokenizer = FixedTokenizer()
+    logit_scale = torch.tensor(math.log(50.0))
+    rebuilt = CLIPModel(clip.config, clip.text_encoder, clip.image_encoder, logit_scale, torch.device("cpu"), tokenizer)
+    assert rebuilt.config is clip.config and rebuilt.text_encoder is clip.text_encoder
+    assert rebuilt.image_encoder is clip.image_encoder and rebuilt.tokenizer is tokenizer
+    assert rebuilt.logit_scale.item() == pytest.approx(math.log(50.0)) and rebuilt.device == torch.device("cpu")
+    other = FixedTokenizer()
+    rebuilt.tokenizer = other  # assignable, as on the original dataclass
+    assert rebuilt.tokenizer is other
