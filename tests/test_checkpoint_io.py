@@ -33,6 +33,7 @@ from glide_text2im.pipelines.loading import (
     options_path,
     save_options,
 )
+from tests.test_pipelines import one_thread  # noqa: F401  (autouse: one intra-op thread here too)
 from tests.notebook_scripts.tiny_weights import (
     UNET_CHECKPOINTS,
     tiny_clip_state_dicts,
@@ -42,15 +43,6 @@ from tests.notebook_scripts.tiny_weights import (
 )
 
 PROMPT = "a red cube"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads mostly wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def assert_same_state_dict(actual: dict, expected: dict) -> None:
