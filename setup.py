@@ -16,7 +16,13 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["glide_text2im", "glide_text2im.*"]),
     package_data={
-        "glide_text2im": ["clip/config.yaml", "tokenizer/data/*.gz", "demo/weights/*.pt", "demo/weights/*.json", "demo/weights/*.yaml"],
+        "glide_text2im": [
+            "clip/config.yaml",
+            "tokenizer/data/*.gz",
+            "demo/weights/*.safetensors",
+            "demo/weights/*.json",
+            "demo/weights/*.yaml",
+        ],
     },
     install_requires=[
         "torch>=2.0",
@@ -29,6 +35,7 @@ setup(
         "blobfile",
         "filelock",
         "pyyaml",
+        "safetensors",
     ],
     extras_require={
         # setuptools: tests/test_package.py builds the wheel without build isolation, which

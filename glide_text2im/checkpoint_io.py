@@ -8,7 +8,8 @@ The format is told by the file's first bytes, not its name, so a renamed file st
 import os
 import pickle
 import re
-import tempfile
+import stat
+import uuid
 import zipfile
 from typing import Dict, Union
 
@@ -65,27 +66,47 @@ def read_state_dict(path: str, device: Union[str, torch.device] = "cpu") -> Stat
 def write_state_dict(state_dict: StateDict, path: str) -> str:
     """Write ``state_dict`` to ``path``: safetensors if it ends in `.safetensors`, else torch's format.
 
+    The tensors are written as they are (dtype, shape, values); safetensors keeps no key order
+    (it reads back sorted) and no shared storage (tensors that share memory are written apart).
     The file is written under a temporary name beside ``path`` and renamed when complete, so
     ``path`` never holds half a file.
     """
     _check_state_dict(state_dict, path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
+    tmp = temporary_path(path)
     try:
-        tensors = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
         if path.endswith(SAFETENSORS_SUFFIX):
             from safetensors.torch import save_file
 
-            save_file(tensors, tmp)
+            with open(tmp, "wb"):
+                mode = stat.S_IMODE(os.stat(tmp).st_mode)  # what the umask gives a new file
+            save_file(_unshared(state_dict), tmp)
+            os.chmod(tmp, mode)  # safetensors writes its files readable by their owner only
         else:
-            torch.save(tensors, tmp)
+            torch.save({key: value.detach().cpu().contiguous() for key, value in state_dict.items()}, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def temporary_path(path: str) -> str:
+    """A new hidden file name beside ``path`` to write to before renaming it to ``path``."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+
+
+def _unshared(state_dict: StateDict) -> StateDict:
+    """Contiguous CPU tensors, each with its own memory (safetensors refuses shared storage)."""
+    tensors, seen = {}, set()
+    for key, value in state_dict.items():
+        tensor = value.detach().cpu().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        tensors[key] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
+    return tensors
 
 
 def _read_torch(path: str, device: Union[str, torch.device]) -> StateDict:

@@ -5,6 +5,7 @@
     glide-text2im inpaint "a cat" --image photo.png --box 10,10,120,90
     glide-text2im clip-guided "an oil painting of a corgi"
     glide-text2im download
+    glide-text2im convert base.pt base.safetensors
     glide-text2im generate --demo "a blue triangle on a white background"
 
 ``--demo`` swaps the official checkpoints for the small demo models shipped inside the
@@ -105,6 +106,27 @@ def add_download_command(subparsers: Any) -> None:
     parser.set_defaults(func=run_download)
 
 
+def add_convert_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "convert", help="rewrite a checkpoint as .safetensors or .pt (same tensors; sidecars carried along)"
+    )
+    parser.add_argument("source", help="a .pt or .safetensors file, or a checkpoint name (base, demo/base, ...)")
+    parser.add_argument("destination", help="the file to write: ends in .safetensors or .pt")
+    parser.add_argument("--overwrite", action="store_true", help="replace the destination (and its sidecars)")
+    parser.set_defaults(func=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Convert ``args.source`` to ``args.destination``; prints what was written, one file per line."""
+    from .pipelines.loading import convert_checkpoint
+
+    written = convert_checkpoint(args.source, args.destination, overwrite=args.overwrite)
+    print(f"{written.path}: {written.num_tensors} tensors, {written.num_bytes} bytes")
+    for sidecar in written.sidecars:
+        print(sidecar)
+    return 0
+
+
 def add_train_command(subparsers: Any) -> None:
     from .train.cli import add_train_subcommand
 
@@ -117,6 +139,7 @@ SUBCOMMANDS: Tuple[Callable[[Any], None], ...] = (
     add_clip_guided_command,
     add_download_command,
     add_train_command,
+    add_convert_command,
 )
 
 
@@ -166,8 +189,8 @@ def _one_line(exc: BaseException) -> str:
 def _add_model_arguments(parser: argparse.ArgumentParser, base: str, upsampler: str) -> None:
     group = parser.add_argument_group("models")
     group.add_argument("--demo", action="store_true", help="default to the small demo models shipped in the package")
-    group.add_argument("--base-checkpoint", help=f"name or .pt file (default {base}; demo/{base} with --demo)")
-    group.add_argument("--upsample-checkpoint", help=f"name or .pt file (default {upsampler})")
+    group.add_argument("--base-checkpoint", help=f"name, .pt or .safetensors file (default {base}; demo/{base} with --demo)")
+    group.add_argument("--upsample-checkpoint", help=f"name, .pt or .safetensors file (default {upsampler})")
     group.add_argument("--no-upsample", action="store_true", help="stop at the 64x64 base images")
     group.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best available)")
     group.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float16 on CUDA, else float32)")

@@ -412,7 +412,7 @@ def test_every_subcommand_is_registered():
     from glide_text2im.cli import build_parser
 
     subparsers = next(action for action in build_parser()._actions if action.dest == "command")
-    assert list(subparsers.choices) == ["generate", "inpaint", "clip-guided", "download", "train"]
+    assert list(subparsers.choices) == ["generate", "inpaint", "clip-guided", "download", "train", "convert"]
 
 
 def test_usage_errors_are_one_line_too(env):

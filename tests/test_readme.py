@@ -14,6 +14,8 @@ and each such section has a check below; a section with commands and no check fa
 - "Weights and vocabularies": the shell lines run in bash with ``$HOME`` in a temporary
   folder; the Python block runs in a folder holding ``glide-weights/base.pt`` (tiny) and
   ``vocab/`` (the reference vocabulary).
+- "Checkpoint files: `.pt` and `.safetensors`": the ``convert`` lines run, in a folder holding
+  ``my.pt`` (tiny) and its options sidecar, through the command's entry point.
 - "Running the tests": the lines must be exactly commands that .ci/run runs.
 - "One call: pipelines and the `glide-text2im` command": the Python block runs in-process on
   tiny random weights put in place of the official names; the command lines (which download
@@ -54,7 +56,8 @@ LOCAL_FILES = "Weights and vocabularies"
 TESTS = "Running the tests"
 PIPELINES = "One call: pipelines and the `glide-text2im` command"
 DEMO = "Offline demo model"
-CHECKED_SECTIONS = {INSTALL, QUICK_START, LOCAL_FILES, TESTS, PIPELINES, DEMO}
+FORMATS = "Checkpoint files: `.pt` and `.safetensors`"
+CHECKED_SECTIONS = {INSTALL, QUICK_START, LOCAL_FILES, TESTS, PIPELINES, DEMO, FORMATS}
 
 
 def readme_blocks() -> Dict[str, List[tuple]]:
@@ -261,3 +264,26 @@ def test_demo_example_draws_a_256_image_offline_with_the_package_weights(tmp_pat
     assert image.shape == (256, 256, 3) and image.dtype == np.uint8
     assert image.std() > 10
     assert not (tmp_path / "empty-cache").exists()
+
+
+def test_convert_lines_write_safetensors_and_back_with_the_same_tensors(tmp_path, monkeypatch):
+    from glide_text2im.checkpoint_io import is_safetensors_file, read_state_dict
+    from glide_text2im.cli import main
+    from glide_text2im.pipelines.loading import save_options
+
+    torch.save(tiny_state_dict("base"), tmp_path / "my.pt")
+    save_options(str(tmp_path / "my.pt"), tiny_options("base"))
+    monkeypatch.chdir(tmp_path)
+    lines = commands(block(FORMATS, "bash"))
+    assert [shlex.split(line)[:2] for line in lines] == [["glide-text2im", "convert"]] * 2
+    for line in lines:
+        assert main(shlex.split(line)[1:]) == 0, line
+
+    assert is_safetensors_file(str(tmp_path / "my.safetensors"))
+    assert (tmp_path / "my.safetensors.json").read_text() == (tmp_path / "my.pt.json").read_text()
+    assert not is_safetensors_file(str(tmp_path / "back.pt"))
+    expected = tiny_state_dict("base")
+    for name in ("my.safetensors", "back.pt"):
+        weights = read_state_dict(str(tmp_path / name))
+        assert weights.keys() == expected.keys(), name
+        assert all(torch.equal(weights[k], expected[k]) for k in expected), name

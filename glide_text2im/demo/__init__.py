@@ -1,5 +1,6 @@
 """The embedded demo: a procedural captioned dataset of coloured shapes, a pixel judge, and a
-small GLIDE model family trained on it (shipped as package data in ``demo/weights``).
+small GLIDE model family trained on it (shipped as package data in ``demo/weights``, as
+``.safetensors`` files).
 
 Importing this module (``glide_text2im.download`` does) registers the demo checkpoints, so
 they load by name like the official ones, offline::
@@ -23,13 +24,13 @@ from glide_text2im.download import register_checkpoint
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 
-# Checkpoint name -> file in WEIGHTS_DIR.
+# Checkpoint name -> file in WEIGHTS_DIR (the U-Nets' options beside them in ``<file>.json``).
 CHECKPOINT_FILES = {
-    "demo/base": "base.pt",
-    "demo/upsample": "upsample.pt",
-    "demo/base-inpaint": "base_inpaint.pt",
-    "demo/clip/image-enc": "clip_image_enc.pt",
-    "demo/clip/text-enc": "clip_text_enc.pt",
+    "demo/base": "base.safetensors",
+    "demo/upsample": "upsample.safetensors",
+    "demo/base-inpaint": "base_inpaint.safetensors",
+    "demo/clip/image-enc": "clip_image_enc.safetensors",
+    "demo/clip/text-enc": "clip_text_enc.safetensors",
 }
 UNET_CHECKPOINTS = ("demo/base", "demo/upsample", "demo/base-inpaint")
 # The demo checkpoint that stands in for each official one; the demo has no inpainting

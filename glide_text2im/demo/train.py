@@ -12,20 +12,21 @@ in memory from ``shapes.iter_examples`` with a fixed seed:
 3. ``upsample``: the 64 -> 256 upsampler, trained on random 64 x 64 patches of the 256 x 256
    renders (with the matching 16 x 16 low-res patches);
 4. ``inpaint``: the 64 x 64 inpainting U-Net, started from the exported base weights
-   (``<out>/base.pt``; its new input channels zeroed), with half of its masks the box around
+   (``<out>/base.safetensors``; its new input channels zeroed), with half of its masks the box around
    the shape (``TrainConfig.subject_mask_prob``), as in "replace the shape" edits;
 5. ``clip``: a small noised CLIP with byte-level captions; its text encoder is first
    pretrained like the base's (``text``) and then kept frozen while the contrastive loss
    trains its image encoder.
 
 Each stage trains in ``<work>/<stage>`` (``state.pt``, ``log.csv``, ...) and the EMA weights
-are exported in float16 to ``--out`` with their options sidecars: ``base.pt``,
-``upsample.pt``, ``base_inpaint.pt`` (+ ``.json``), ``clip_image_enc.pt`` (+ ``.yaml``) and
-``clip_text_enc.pt``. The run is deterministic for a given machine and thread count.
+are exported in float16 to ``--out`` as safetensors files with their options sidecars:
+``base.safetensors``, ``upsample.safetensors``, ``base_inpaint.safetensors`` (+ ``.json``),
+``clip_image_enc.safetensors`` (+ ``.yaml``) and ``clip_text_enc.safetensors``. The run is
+deterministic for a given machine and thread count.
 
 The run is sized for the project's 2-core CPU (both cores, one stage after another; see the
 comment above ``STAGE_RECIPES`` for the measured stage times). ``--stages`` reruns
-some stages (``base`` reads the ``text`` run in ``--work``; ``inpaint`` reads ``base.pt`` in ``--out``,
+some stages (``base`` reads the ``text`` run in ``--work``; ``inpaint`` reads ``base.safetensors`` in ``--out``,
 so ``--stages inpaint --out glide_text2im/demo/weights`` retrains it from the shipped base);
 ``--steps`` shortens every stage for trials.
 """
@@ -43,6 +44,7 @@ import torch
 import yaml
 from PIL import Image
 
+from glide_text2im.checkpoint_io import write_state_dict
 from glide_text2im.clip.model_creation import create_clip_model
 from glide_text2im.demo import shapes
 from glide_text2im.demo.clip_tokenizer import ByteCLIPTokenizer
@@ -223,8 +225,9 @@ TEXT_PRETRAIN = TextPretrainConfig(steps=3000, batch_size=128, lr=1e-3, sinusoid
 CLIP_TEXT_PRETRAIN = TEXT_PRETRAIN
 
 # The weights file each U-Net stage exports, and the stages that start from another's model:
-# ``base`` from the ``text`` run in the work folder, ``inpaint`` from the exported ``base.pt``.
-EXPORTS = {"base": "base.pt", "upsample": "upsample.pt", "inpaint": "base_inpaint.pt"}
+# ``base`` from the ``text`` run in the work folder, ``inpaint`` from the exported ``base.safetensors``.
+EXPORTS = {"base": "base.safetensors", "upsample": "upsample.safetensors", "inpaint": "base_inpaint.safetensors"}
+CLIP_EXPORTS = ("clip_image_enc.safetensors", "clip_text_enc.safetensors")
 INIT_FROM = {"base": "text", "inpaint": "base"}
 
 
@@ -288,7 +291,7 @@ def pretrain_text_stage(work_dir: Path, steps: Optional[int] = None) -> None:
     pretrain_on_labelled_captions(task.model, TEXT_PRETRAIN, steps)
     folder = work_dir / "text"
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(task.model.state_dict(), folder / UNET_FILE)
+    write_state_dict(task.model.state_dict(), os.fspath(folder / UNET_FILE))
     save_options(os.fspath(folder / UNET_FILE), task.options)
 
 
@@ -330,15 +333,15 @@ def half_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def export(name: str, trainer: Trainer, out_dir: Path) -> None:
-    """Save stage ``name``'s EMA weights in float16 in ``out_dir``, with their options sidecar."""
+    """Save stage ``name``'s EMA weights in float16 as safetensors in ``out_dir``, with their options sidecar."""
     if name == "clip":
-        image_file, text_file = out_dir / "clip_image_enc.pt", out_dir / "clip_text_enc.pt"
-        torch.save(half_state(trainer.ema.image_encoder), image_file)
-        torch.save(half_state(trainer.ema.text_encoder), text_file)
+        image_file, text_file = (out_dir / file for file in CLIP_EXPORTS)
+        write_state_dict(half_state(trainer.ema.image_encoder), os.fspath(image_file))
+        write_state_dict(half_state(trainer.ema.text_encoder), os.fspath(text_file))
         Path(f"{image_file}.yaml").write_text(yaml.safe_dump(trainer.task.options), encoding="utf-8")
         return
     path = out_dir / EXPORTS[name]
-    torch.save(half_state(trainer.ema), path)
+    write_state_dict(half_state(trainer.ema), os.fspath(path))
     save_options(os.fspath(path), trainer.task.options)
 
 

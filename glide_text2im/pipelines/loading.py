@@ -1,14 +1,19 @@
 """Loading models for the pipelines: checkpoint options, device, precision, prompt tokens.
 
-A U-Net checkpoint is a state dict; the options that build its model (the dict of
-``model_and_diffusion_defaults()``) come from, in this order:
+A checkpoint is a state dict in a ``.pt`` or a ``.safetensors`` file (``checkpoint_io`` reads
+both). The options that build a U-Net (the dict of ``model_and_diffusion_defaults()``) come
+from, in this order:
 
 1. the ``options`` argument;
 2. ``CHECKPOINT_OPTIONS[name]`` for a named checkpoint (the four official U-Nets, and any
    name added with :func:`register_checkpoint_options`, e.g. by the demo module);
 3. the sidecar JSON file ``<checkpoint file>.json`` next to a local checkpoint file (or next to
-   the file a registered local name resolves to), holding the options dict. Training writes
-   it with :func:`save_options`.
+   the file a registered local name resolves to), holding the options dict: ``base.pt.json``,
+   ``base.safetensors.json``. Training writes it with :func:`save_options`.
+
+A noised CLIP's YAML config sits beside its image encoder the same way
+(``<image encoder file>.yaml``). :func:`convert_checkpoint` rewrites a checkpoint in the
+other format and carries these sidecars along.
 
 Precision: ``float32``, ``float16`` (``model.convert_to_fp16()``: the torso convolutions and
 the text linears in half precision, the float32 islands of the official models kept) or
@@ -20,14 +25,15 @@ import inspect
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from ..checkpoint_io import SAFETENSORS_SUFFIX, read_state_dict, temporary_path, write_state_dict
 from ..clip.model_creation import CLIPModel, create_clip_model, load_clip_config
 from ..demo.clip_tokenizer import ByteCLIPTokenizer
 from ..memory import retain_freed_memory
-from ..download import LOCAL_CHECKPOINTS, MODEL_PATHS, checkpoint_path, load_checkpoint
+from ..download import LOCAL_CHECKPOINTS, MODEL_PATHS, checkpoint_path, is_cloud_path, load_checkpoint
 from ..model_creation import (
     create_gaussian_diffusion,
     create_model_and_diffusion,
@@ -60,6 +66,10 @@ DTYPES = {
 
 _OPTION_NAMES = tuple(inspect.signature(create_model_and_diffusion).parameters)
 _OPTIONAL_OPTIONS = ("tokenizer", "norm_groups", "prediction")
+# Files that describe a checkpoint file, named ``<checkpoint file><suffix>``: the U-Net
+# options (JSON) and the noised CLIP config (YAML, beside the image encoder).
+SIDECAR_SUFFIXES = (".json", ".yaml")
+CHECKPOINT_SUFFIXES = (".pt", SAFETENSORS_SUFFIX)
 
 
 class PromptTooLongError(ValueError):
@@ -80,12 +90,16 @@ def options_path(checkpoint_file: str) -> str:
 
 def save_options(checkpoint_file: str, options: Options) -> str:
     """Write ``options`` as the sidecar JSON of ``checkpoint_file``; returns the sidecar's path."""
-    check_options(options, source="options")
     path = options_path(checkpoint_file)
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(options, f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(options_json(options))
     return path
+
+
+def options_json(options: Options) -> str:
+    """The text of an options sidecar: ``options`` (checked) as indented JSON with sorted keys."""
+    check_options(options, source="options")
+    return json.dumps(options, indent=2, sort_keys=True) + "\n"
 
 
 def check_options(options: Options, source: str) -> None:
@@ -280,8 +294,8 @@ def load_model(
     dtype: Optional[Union[str, torch.dtype]] = None,
     progress: bool = True,
 ) -> LoadedModel:
-    """Build the U-Net of ``checkpoint`` (official name, registered name or ``.pt`` file), load
-    its weights strictly, move it to ``device`` (default: :func:`pick_device`) and set its precision.
+    """Build the U-Net of ``checkpoint`` (official name, registered name, ``.pt`` or ``.safetensors``
+    file), load its weights strictly, move it to ``device`` (default: :func:`pick_device`) and set its precision.
 
     On a CPU the process then keeps freed activation memory for reuse (see ``glide_text2im.memory``)
     and the convolution weights are stored channels-last (NHWC), which oneDNN's kernels run faster;
@@ -345,3 +359,76 @@ def check_model_kind(loaded: LoadedModel, role: str, inpaint: bool, super_res: b
             (True, True): "an inpainting upsampler",
         }
         raise ValueError(f"{role} must be {names[(inpaint, super_res)]}, but {loaded.name!r} is {names[kind]}")
+
+
+@dataclass
+class ConvertedCheckpoint:
+    """What :func:`convert_checkpoint` wrote: the checkpoint file, its tensor count, its size in
+    bytes and the sidecar files written beside it."""
+
+    path: str
+    num_tensors: int
+    num_bytes: int
+    sidecars: List[str]
+
+
+def convert_checkpoint(
+    source: str, destination: str, overwrite: bool = False, progress: bool = True
+) -> ConvertedCheckpoint:
+    """Rewrite checkpoint ``source`` (a name or a file, see ``download.checkpoint_path``) as the
+    file ``destination``, in safetensors if it ends in ``.safetensors``, else (``.pt``) in torch's
+    format, with the same tensors (dtype, shape and values).
+
+    The source's sidecars (``SIDECAR_SUFFIXES``) are copied beside ``destination``; a name with
+    registered options (an official U-Net) that has no ``.json`` sidecar gets one holding them,
+    so the new file loads with :func:`load_model` on its own. An existing ``destination`` or
+    destination sidecar is an error unless ``overwrite``, which also removes destination sidecars
+    the source lacks. Nothing is written unless the source was read whole.
+    """
+    if not destination.endswith(CHECKPOINT_SUFFIXES):
+        raise ValueError(f"destination {destination} must end in {' or '.join(CHECKPOINT_SUFFIXES)}")
+    folder = os.path.dirname(os.path.abspath(destination))
+    if not os.path.isdir(folder):
+        raise ValueError(f"destination folder {folder} does not exist")
+    source_file = checkpoint_path(source, progress=progress)
+    if is_cloud_path(source_file):
+        raise ValueError(f"{source_file} is not a local file: convert reads local checkpoint files only")
+    if os.path.exists(destination) and os.path.samefile(source_file, destination):
+        raise ValueError(f"{destination} is the source file itself: pick another destination")
+    targets = [destination] + [destination + suffix for suffix in SIDECAR_SUFFIXES]
+    existing = [path for path in targets if os.path.exists(path)]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} already exists: pass --overwrite (overwrite=True) to replace it")
+    sidecars = _sidecar_texts(source, source_file)
+    state_dict = read_state_dict(source_file, "cpu")
+    staged = {}  # destination sidecar -> the temporary file holding its text
+    try:
+        for suffix, text in sidecars.items():
+            staged[destination + suffix] = temporary_path(destination + suffix)
+            with open(staged[destination + suffix], "w", encoding="utf-8") as f:
+                f.write(text)
+        write_state_dict(state_dict, destination)
+        for path, tmp in staged.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in staged.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    for path in targets[1:]:
+        if path not in staged and os.path.exists(path):
+            os.remove(path)  # a sidecar of the file that was replaced
+    return ConvertedCheckpoint(destination, len(state_dict), os.path.getsize(destination), list(staged))
+
+
+def _sidecar_texts(source: str, source_file: str) -> Dict[str, str]:
+    """Sidecar suffix -> text for the converted file: the source file's sidecars, plus the
+    registered options of a name that has none."""
+    texts = {}
+    for suffix in SIDECAR_SUFFIXES:
+        if os.path.isfile(source_file + suffix):
+            with open(source_file + suffix, encoding="utf-8") as f:
+                texts[suffix] = f.read()
+    if ".json" not in texts and source in CHECKPOINT_OPTIONS:
+        texts[".json"] = options_json(checkpoint_options(source))
+    return texts
+

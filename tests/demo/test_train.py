@@ -1,11 +1,12 @@
 """The demo training script: the ``text`` stage feeds ``base``, whose text encoder stays frozen;
-``inpaint`` starts from the exported ``base.pt``."""
+``inpaint`` starts from the exported ``base.safetensors``; every export is a safetensors file."""
 
 import random
 
 import pytest
 import torch
 
+from glide_text2im.checkpoint_io import is_safetensors_file, read_state_dict, write_state_dict
 from glide_text2im.demo import shapes
 from glide_text2im.demo.train import STAGE_RECIPES, half_state, labelled_caption, main
 from glide_text2im.pipelines.loading import save_options
@@ -18,8 +19,9 @@ def test_text_stage_pretrains_the_text_encoder_that_base_keeps(tmp_path, capsys)
     assert "stage text:" in capsys.readouterr().out
 
     initial = torch.load(work / "text" / "model.pt", weights_only=True)
-    exported = torch.load(out / "base.pt", weights_only=True)
-    assert (work / "text" / "model.pt.json").is_file() and (out / "base.pt.json").is_file()
+    exported = read_state_dict(out / "base.safetensors")
+    assert is_safetensors_file(out / "base.safetensors") and not (out / "base.pt").exists()
+    assert (work / "text" / "model.pt.json").is_file() and (out / "base.safetensors.json").is_file()
     for key in ("token_embedding.weight", "positional_embedding", "padding_embedding", "final_ln.weight"):
         assert torch.equal(exported[key], initial[key].half()), key
     assert not torch.equal(exported["input_blocks.0.0.weight"], initial["input_blocks.0.0.weight"].half())
@@ -29,16 +31,17 @@ def test_inpaint_stage_starts_from_the_exported_base_weights(tmp_path, capsys):
     out, work = tmp_path / "weights", tmp_path / "work"
     with pytest.raises(SystemExit):
         main(["--out", str(out), "--work", str(work), "--stages", "inpaint", "--steps", "1"])
-    assert f"stage 'inpaint' starts from {out / 'base.pt'}, which is missing" in capsys.readouterr().err
+    assert f"stage 'inpaint' starts from {out / 'base.safetensors'}, which is missing" in capsys.readouterr().err
 
     torch.manual_seed(123)  # not the stage's own seed: weights it could not draw itself
     task = build_task("base", overrides=STAGE_RECIPES["base"].options)
     base = half_state(task.model)
     out.mkdir(exist_ok=True)  # main made it before it stopped
-    torch.save(base, out / "base.pt")
-    save_options(str(out / "base.pt"), task.options)
+    write_state_dict(base, str(out / "base.safetensors"))
+    save_options(str(out / "base.safetensors"), task.options)
     assert main(["--out", str(out), "--work", str(work), "--stages", "inpaint", "--steps", "1"]) == 0
-    inpaint = torch.load(out / "base_inpaint.pt", weights_only=True)
+    inpaint = read_state_dict(out / "base_inpaint.safetensors")
+    assert is_safetensors_file(out / "base_inpaint.safetensors")
     assert inpaint["input_blocks.0.0.weight"].shape[1] == 7  # x, inpaint_image, inpaint_mask
     for key in ("token_embedding.weight", "positional_embedding", "transformer_proj.weight"):
         assert torch.equal(inpaint[key], base[key]), key  # the frozen text encoder
