@@ -5,7 +5,7 @@ Every sampler has the same signature and returns a sample [shape] in [-1, 1] (wi
 
     sample_<name>(model, diffusion, shape, steps=None, timesteps=None, noise=None,
                   model_kwargs=None, denoised_fn=None, clip_denoised=True, device=None,
-                  progress=False, callback=None, generator=None)
+                  progress=False, callback=None, generator=None, cond_fn=None)
 
 - ``model(x_t, t, **model_kwargs)`` returns [N x 2C x H x W]: eps (or v, for a diffusion with
   ``prediction="v"``) in the first C channels (the variance values in the other C are not
@@ -18,6 +18,12 @@ Every sampler has the same signature and returns a sample [shape] in [-1, 1] (wi
 - The model is evaluated at ``timesteps`` (original timesteps, strictly decreasing) or else at
   ``get_timesteps(diffusion, steps)`` (``steps`` of them on the default grid; ``None``: every
   timestep of the diffusion): one network evaluation per timestep.
+- ``cond_fn(x_t, t, **model_kwargs)`` [N x C x H x W] (optional) is classifier guidance, e.g. the
+  noised CLIP's ``clip_model.cond_fn``: the gradient of log p(y | x_t) times a scale. It shifts
+  the model's eps to ``eps - sigma_t cond_fn(x_t, t)`` (Dhariwal & Nichol 2021, algorithm 2; the
+  original's ``condition_score``) before the x_0 below is formed, so the guided x_0 is the one
+  clamped. (The original DDIM loop clamps first; near t = 999, where alphas_cumprod is ~1e-8, its
+  unclamped guided x_0 is the gradient times ~1e4, and the sample turns to noise.)
 - At every evaluation the predicted x_0 goes through ``denoised_fn`` (e.g. pasting in the known
   part of an image for inpainting) and then the clamp to [-1, 1] (``clip_denoised``), as in
   ``GaussianDiffusion.p_mean_variance``. The result is that x_0 prediction at the last timestep.
@@ -47,6 +53,8 @@ from .noise import NoiseGenerator, randn
 # model(x_t [N x C x ...], t [N] int64 original timesteps, **model_kwargs) -> [N x 2C x ...]
 Model = Callable[..., torch.Tensor]
 DenoisedFn = Callable[[torch.Tensor], torch.Tensor]
+# cond_fn(x_t, t [N] int64 original timesteps, **model_kwargs) -> grad_x log p(y | x_t), scaled
+CondFn = Callable[..., torch.Tensor]
 Callback = Callable[[Dict[str, Any]], None]
 
 # Adams-Bashforth weights of orders 1..4 for eps_i, eps_{i-1}, ... (newest first).
@@ -115,13 +123,14 @@ def sample_ddim(
     progress: bool = False,
     callback: Optional[Callback] = None,
     generator: Optional[NoiseGenerator] = None,
+    cond_fn: Optional[CondFn] = None,
 ) -> torch.Tensor:
     """Deterministic DDIM (Song et al. 2020, eq. 12 with eta = 0): the first-order baseline."""
     x, timesteps, alphas_cumprod = _start(model, diffusion, shape, steps, timesteps, noise, device, generator)
     last = len(timesteps) - 1
     for i in _iterate(timesteps, progress):
         _, pred_xstart = _predict(
-            model, diffusion, x, timesteps[i], alphas_cumprod[i], model_kwargs, denoised_fn, clip_denoised
+            model, diffusion, x, timesteps[i], alphas_cumprod[i], model_kwargs, denoised_fn, clip_denoised, cond_fn
         )
         _report(callback, i, timesteps[i], x, pred_xstart)
         if i < last:
@@ -144,6 +153,7 @@ def sample_plms(
     progress: bool = False,
     callback: Optional[Callback] = None,
     generator: Optional[NoiseGenerator] = None,
+    cond_fn: Optional[CondFn] = None,
 ) -> torch.Tensor:
     """PLMS, pseudo linear multistep (Liu et al. 2022, "PNDM"): 4th-order Adams-Bashforth on eps.
 
@@ -159,7 +169,7 @@ def sample_plms(
     eps_history: List[torch.Tensor] = []
     for i in _iterate(timesteps, progress):
         eps, pred_xstart = _predict(
-            model, diffusion, x, timesteps[i], alphas_cumprod[i], model_kwargs, denoised_fn, clip_denoised
+            model, diffusion, x, timesteps[i], alphas_cumprod[i], model_kwargs, denoised_fn, clip_denoised, cond_fn
         )
         _report(callback, i, timesteps[i], x, pred_xstart)
         if i < last:
@@ -188,6 +198,7 @@ def sample_dpmpp_2m(
     progress: bool = False,
     callback: Optional[Callback] = None,
     generator: Optional[NoiseGenerator] = None,
+    cond_fn: Optional[CondFn] = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, algorithm 2): second-order multistep on the x_0 prediction in log-SNR time.
 
@@ -204,7 +215,7 @@ def sample_dpmpp_2m(
     previous_xstart = None
     for i in _iterate(timesteps, progress):
         _, pred_xstart = _predict(
-            model, diffusion, x, timesteps[i], alphas_cumprod[i], model_kwargs, denoised_fn, clip_denoised
+            model, diffusion, x, timesteps[i], alphas_cumprod[i], model_kwargs, denoised_fn, clip_denoised, cond_fn
         )
         _report(callback, i, timesteps[i], x, pred_xstart)
         if i < last:
@@ -305,11 +316,16 @@ def _predict(
     model_kwargs: Optional[Dict[str, Any]],
     denoised_fn: Optional[DenoisedFn],
     clip_denoised: bool,
+    cond_fn: Optional[CondFn] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The model's eps at (x, t) and the x_0 it implies after ``denoised_fn`` and the clamp."""
+    """The model's eps at (x, t), shifted by ``cond_fn``'s guidance, and the x_0 it implies after
+    ``denoised_fn`` and the clamp."""
     t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-    mean_output, _ = split_model_output(model(x, t_batch, **(model_kwargs or {})), x)
+    model_kwargs = model_kwargs or {}
+    mean_output, _ = split_model_output(model(x, t_batch, **model_kwargs), x)
     eps = eps_from_prediction(diffusion.prediction, mean_output, x, alpha_cumprod)
+    if cond_fn is not None:
+        eps = eps - math.sqrt(1.0 - alpha_cumprod) * cond_fn(x, t_batch, **model_kwargs)
     pred_xstart = _process_xstart(_xstart_from_eps(x, eps, alpha_cumprod), denoised_fn, clip_denoised)
     return eps, pred_xstart
 

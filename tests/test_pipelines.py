@@ -45,6 +45,7 @@ from glide_text2im.pipelines import (
 )
 from glide_text2im.pipelines.images import box_mask, keep_masks, load_image, load_mask, quantize
 from glide_text2im.pipelines.loading import pick_device, pick_dtype
+from glide_text2im.pipelines.sampling import SAMPLERS, register_sampler
 
 CPU = torch.device("cpu")
 STEPS = "ddim5"  # base: timesteps 0, 200, ..., 800
@@ -415,8 +416,29 @@ def test_fast_samplers_plug_in_by_name(tiny, text2im, name):
 def test_unknown_sampler_and_guided_sampler_errors(text2im, clip_guided):
     with pytest.raises(ValueError, match="unknown sampler 'euler'.*ancestral"):
         text2im("a", sampler="euler", steps=STEPS, upsample=False)
-    with pytest.raises(ValueError, match="cannot apply CLIP guidance"):
-        clip_guided("a", sampler="plms", steps=STEPS)
+    register_sampler("no-cond-fn", lambda *args, **kwargs: None)
+    try:
+        with pytest.raises(ValueError, match="sampler 'no-cond-fn' takes no cond_fn"):
+            clip_guided("a", sampler="no-cond-fn", steps=STEPS)
+    finally:
+        del SAMPLERS["no-cond-fn"]
+
+
+@pytest.mark.parametrize("name", ["plms", "dpmpp_2m", "ddim"])
+def test_clip_guided_fast_samplers_equal_the_sampler_functions_with_the_cond_fn(tiny, clip_guided, name):
+    prompt, seed = "a corgi", 5
+    out = clip_guided(prompt, steps="ddim4", sampler=name, guidance_scale=3.0, seed=seed, return_tensors=True)
+    model, diffusion, options = notebook_models(tiny["base"], "ddim4")
+    cond_fn = clip_guided.clip.cond_fn([prompt], 3.0)
+    unguided, guided = (
+        fast_samplers.SAMPLERS[name](
+            model, diffusion, (1, 3, 64, 64), model_kwargs=notebook_tokens(model, options, [prompt]),
+            device=CPU, generator=torch.Generator().manual_seed(seed), cond_fn=fn,
+        )
+        for fn in (None, cond_fn)
+    )
+    assert torch.equal(out.samples_64, guided)
+    assert (guided - unguided).abs().max() > 0.01  # the CLIP gradient matters
 
 
 def test_prompt_longer_than_the_context_raises_unless_truncation_is_asked(text2im):

@@ -74,14 +74,14 @@ class CLIPGuidedPipeline(DiffusionPipeline):
         truncate_prompts: bool = False,
     ) -> PipelineOutput:
         """Generate with CLIP guidance of strength ``guidance_scale``; the other parameters are
-        those of ``Text2ImPipeline.__call__`` (``sampler`` must accept a cond_fn: "ancestral" or "ddim")."""
+        those of ``Text2ImPipeline.__call__`` (every built-in ``sampler`` applies the CLIP cond_fn)."""
         prompts = check_prompts(prompts)
         check_count(num_images_per_prompt, "num_images_per_prompt")
         check_guidance_scale(guidance_scale)
         self.check_prompts(prompts, truncate_prompts)
         diffusion, base_sampler = self.base.diffusion(steps), get_sampler(sampler)
         if not base_sampler.supports_cond_fn:
-            raise ValueError(f"sampler {sampler!r} cannot apply CLIP guidance: use 'ancestral' or 'ddim'")
+            raise ValueError(f"sampler {sampler!r} takes no cond_fn, so it cannot apply CLIP guidance")
         upsampling = self._upsampling(upsample, upsample_steps, upsample_sampler, upsample_temp)
         batch = self._prompt_batch(prompts, num_images_per_prompt, seed, generator, truncate_prompts)
         with self._reporter(diffusion, upsampling, callback, progress) as report:

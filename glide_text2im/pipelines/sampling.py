@@ -10,10 +10,15 @@ torch.Generator, or a noise source such as glide_text2im.noise.GroupedNoise (the
 pass one); ``callback`` receives ``{"sample", "pred_xstart"}`` after every step. Built in:
 
 - ``"ancestral"``: ``diffusion.p_sample_loop`` (the notebooks' base sampler);
-- ``"ddim"``: ``diffusion.ddim_sample_loop`` with eta = 0 (the text2im notebook's upsampler);
+- ``"ddim"``: ``diffusion.ddim_sample_loop`` with eta = 0 (the text2im notebook's upsampler).
+  With a ``cond_fn`` (CLIP guidance) it runs ``samplers.sample_ddim`` on the same timesteps
+  instead: the same DDIM step, but with the guided x_0 clamped to [-1, 1] (see
+  ``glide_text2im.samplers``; the original loop's unclamped guided x_0 turns a grid that
+  starts at t = 999, such as ``steps="25"``, into noise);
 - the few-step samplers of ``glide_text2im.samplers`` under their names there ("plms",
   "dpmpp_2m", ...; its deterministic DDIM stays reachable as ``"ddim"`` of that module only,
-  since the name here means the notebooks' loop). They take no ``cond_fn``.
+  since the name here means the notebooks' loop). They walk every timestep of the (respaced)
+  diffusion they are given, and take a ``cond_fn`` too.
 
 :func:`register_sampler` adds more.
 """
@@ -92,7 +97,13 @@ def run_ddim(
     cond_fn: Optional[Callable[..., torch.Tensor]],
     callback: StepCallback,
 ) -> torch.Tensor:
-    """``ddim_sample_loop`` with eta = 0, reporting every step."""
+    """``ddim_sample_loop`` with eta = 0, reporting every step; with ``cond_fn``, ``samplers.sample_ddim``."""
+    if cond_fn is not None:
+        guided_ddim = fast_sampler(fast_samplers.sample_ddim)
+        return guided_ddim(
+            diffusion, model, shape, noise=noise, generator=generator, device=device,
+            model_kwargs=model_kwargs, denoised_fn=denoised_fn, cond_fn=cond_fn, callback=callback,
+        )
     steps = diffusion.ddim_sample_loop_progressive(
         model,
         shape,
@@ -117,11 +128,9 @@ def _report_each(steps: Iterator[Dict[str, torch.Tensor]], callback: StepCallbac
 
 
 def fast_sampler(sample_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """Adapt a ``glide_text2im.samplers`` function (all of the diffusion's timesteps, no cond_fn)."""
+    """Adapt a ``glide_text2im.samplers`` function (all of the diffusion's timesteps)."""
 
     def run(diffusion, model, shape, *, noise, generator, device, model_kwargs, denoised_fn, cond_fn, callback):
-        if cond_fn is not None:
-            raise ValueError(f"{sample_fn.__name__} takes no cond_fn: use the 'ancestral' or 'ddim' sampler")
         return sample_fn(
             model,
             diffusion,
@@ -133,6 +142,7 @@ def fast_sampler(sample_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.
             device=device,
             callback=lambda step: callback({"sample": step["x"], "pred_xstart": step["pred_xstart"]}),
             generator=generator,
+            cond_fn=cond_fn,
         )
 
     return run
@@ -142,4 +152,4 @@ register_sampler("ancestral", run_ancestral, supports_cond_fn=True)
 register_sampler("ddim", run_ddim, supports_cond_fn=True)
 for _name, _sample_fn in fast_samplers.SAMPLERS.items():
     if _name not in SAMPLERS:
-        register_sampler(_name, fast_sampler(_sample_fn))
+        register_sampler(_name, fast_sampler(_sample_fn), supports_cond_fn=True)
