@@ -202,6 +202,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser, base: str, upsampler: 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser, guidance_scale: float, upsample_sampler: str) -> None:
     from .pipelines.sampling import SAMPLERS
+    from .samplers import SPACINGS
 
     samplers = ", ".join(SAMPLERS)
     group = parser.add_argument_group("sampling")
@@ -210,9 +211,16 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, guidance_scale: flo
     group.add_argument(
         "--guidance-scale", type=float, default=guidance_scale, help=f"a finite number >= 0 (default {guidance_scale})"
     )
-    group.add_argument("--steps", default="100", help="base timestep respacing: 100, ddim25, fast27, ... (default 100)")
+    group.add_argument(
+        "--steps", default="100", help="base steps: a count (25, 100) or a respacing: ddim25, fast27, ... (default 100)"
+    )
     group.add_argument("--sampler", default="ancestral", help=f"base sampler: {samplers} (default ancestral)")
-    group.add_argument("--upsample-steps", default="fast27", help="upsampler timestep respacing (default fast27)")
+    group.add_argument(
+        "--spacing",
+        choices=SPACINGS,
+        help="grid of a step count (default: the sampler's own: time for ancestral and ddim, else quadratic)",
+    )
+    group.add_argument("--upsample-steps", default="fast27", help="upsampler steps: a count or a respacing (default fast27)")
     group.add_argument(
         "--upsample-sampler", default=upsample_sampler, help=f"upsampler sampler: {samplers} (default {upsample_sampler})"
     )
@@ -337,17 +345,18 @@ def _generate(
     extra_settings: Dict[str, Any],
 ) -> int:
     """Check the models and prompts, load the pipeline, sample this rank's prompts and write the PNG files."""
-    from .pipelines.loading import check_checkpoint_name, check_prompt_lengths, check_respacing, checkpoint_options
+    from .pipelines.loading import check_checkpoint_name, check_prompt_lengths, check_steps, checkpoint_options
 
     if not prompts:
         raise CommandError("no prompts given")
     upsampler = None if args.no_upsample else args.upsample_checkpoint
-    for checkpoint, steps in ((args.base_checkpoint, args.steps), (upsampler, args.upsample_steps)):
+    stages = ((args.base_checkpoint, args.steps, args.spacing), (upsampler, args.upsample_steps, None))
+    for checkpoint, steps, spacing in stages:
         if checkpoint is None:
             continue
         check_checkpoint_name(checkpoint)
         options = checkpoint_options(checkpoint)
-        check_respacing(steps, options["diffusion_steps"])
+        check_steps(steps, options, spacing)
         check_prompt_lengths(prompts, options)
     _check_samplers(args, upsampler)
 
@@ -411,6 +420,7 @@ def _sample_and_write(args, prompts, load, call_kwargs, extra_settings, indices,
             guidance_scale=args.guidance_scale,
             steps=args.steps,
             sampler=args.sampler,
+            spacing=args.spacing,
             upsample=upsampler is not None,
             upsample_steps=args.upsample_steps,
             upsample_sampler=args.upsample_sampler,

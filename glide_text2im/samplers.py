@@ -16,8 +16,9 @@ Every sampler has the same signature and returns a sample [shape] in [-1, 1] (wi
   original ones in ``timestep_map`` for a respaced diffusion) and its ``prediction``. Its
   sampling loops are not used.
 - The model is evaluated at ``timesteps`` (original timesteps, strictly decreasing) or else at
-  ``get_timesteps(diffusion, steps)`` (``steps`` of them on the default grid; ``None``: every
-  timestep of the diffusion): one network evaluation per timestep.
+  ``get_timesteps(diffusion, steps)`` (a step count on the default quadratic grid, or one of the
+  original's respacing strings; ``None``: every timestep of the diffusion): one network
+  evaluation per timestep.
 - ``cond_fn(x_t, t, **model_kwargs)`` [N x C x H x W] (optional) is classifier guidance, e.g. the
   noised CLIP's ``clip_model.cond_fn``: the gradient of log p(y | x_t) times a scale. It shifts
   the model's eps to ``eps - sigma_t cond_fn(x_t, t)`` (Dhariwal & Nichol 2021, algorithm 2; the
@@ -49,6 +50,7 @@ from tqdm.auto import tqdm
 
 from .gaussian_diffusion import GaussianDiffusion, eps_from_prediction, split_model_output
 from .noise import NoiseGenerator, randn
+from .respace import space_timesteps
 
 # model(x_t [N x C x ...], t [N] int64 original timesteps, **model_kwargs) -> [N x 2C x ...]
 Model = Callable[..., torch.Tensor]
@@ -67,34 +69,59 @@ ADAMS_BASHFORTH = (
 SPACINGS = ("quadratic", "time", "logsnr")
 
 
-def get_timesteps(diffusion: GaussianDiffusion, steps: Optional[int] = None, spacing: str = "quadratic") -> List[int]:
-    """Original timesteps to evaluate the model at, strictly decreasing from the diffusion's last
-    timestep (999 for the full chain) to its first (0).
+Steps = Union[int, str]
 
-    ``steps`` of the diffusion's K timesteps (``None``: all of them). With ``u_k = 1 - k / (steps - 1)``
-    the k-th step takes index (into the diffusion's timesteps; = t for the full chain):
-    - "quadratic": ``(K - 1) u_k^2``, DPM-Solver's "time_quadratic" grid (the default): even
-      steps in sqrt(t), so more of them near t = 0, where the fine detail is made;
-    - "time": ``(K - 1) u_k``, evenly in t, the grid of the DDIM and PLMS papers;
-    - "logsnr": the index whose lambda_t is nearest to an even grid in lambda, DPM-Solver's
-      suggestion for pixel-space models (with the cosine schedule's capped last beta, many
-      steps land in t > 990, where the image is still pure noise).
-    Indices are rounded and, where rounding makes two equal, moved apart to stay distinct.
+
+def is_step_count(steps: Optional[Steps]) -> bool:
+    """True for a number of steps (an int, or a string of digits such as ``"25"``), False for
+    ``None`` and for the original's other respacing strings (``"ddim25"``, ``"fast27"``, ``"10,10,5"``)."""
+    if isinstance(steps, bool):
+        return False
+    return isinstance(steps, int) or (isinstance(steps, str) and steps.isdigit())
+
+
+def get_timesteps(
+    diffusion: GaussianDiffusion, steps: Optional[Steps] = None, spacing: Optional[str] = None
+) -> List[int]:
+    """Original timesteps to evaluate the model at, strictly decreasing: the one timestep grid
+    of the package (the samplers, the pipelines, the CLI and the benchmark all take it from here).
+
+    ``steps`` picks from the diffusion's K timesteps (999 .. 0 for the full chain):
+    - ``None``: all of them;
+    - a step count (an int or a string of digits) placed on ``spacing`` (default "quadratic").
+      With ``u_k = 1 - k / (steps - 1)`` the k-th step takes index (into the diffusion's
+      timesteps; = t for the full chain):
+      - "quadratic": ``(K - 1) u_k^2``, DPM-Solver's "time_quadratic" grid: even steps in
+        sqrt(t), so more of them near t = 0, where the fine detail is made;
+      - "time": evenly in t, exactly the indices the original respacing ``str(steps)`` keeps
+        (``respace.space_timesteps``), the grid of the DDIM and PLMS papers and the notebooks;
+      - "logsnr": the index whose lambda_t is nearest to an even grid in lambda, DPM-Solver's
+        suggestion for pixel-space models (with the cosine schedule's capped last beta, many
+        steps land in t > 990, where the image is still pure noise);
+      rounded indices that coincide are moved apart to stay distinct;
+    - another respacing string of the original ("ddim25", "fast27", "10,10,5"): the indices
+      ``respace.space_timesteps(K, steps)`` keeps (``spacing`` must then be None).
     """
-    if spacing not in SPACINGS:
-        raise ValueError(f"unknown spacing {spacing!r}: expected one of {SPACINGS}")
     available = _available_timesteps(diffusion)
     if steps is None:
         return available[::-1]
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+    if not is_step_count(steps):
+        if not isinstance(steps, str):
+            raise TypeError(f"steps must be an int or a respacing string, got {steps!r}")
+        if spacing is not None:
+            raise ValueError(f"spacing {spacing!r} places a step count; steps {steps!r} is a respacing string")
+        return [available[i] for i in sorted(space_timesteps(len(available), steps), reverse=True)]
+    spacing = "quadratic" if spacing is None else spacing
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}: expected one of {SPACINGS}")
+    steps = int(steps)
     if not 1 <= steps <= len(available):
         raise ValueError(f"steps must be in 1 .. {len(available)} (the diffusion's timesteps), got {steps}")
+    if spacing == "time":
+        return [available[i] for i in sorted(space_timesteps(len(available), str(steps)), reverse=True)]
     u = np.linspace(1.0, 0.0, steps)
     if spacing == "quadratic":
         targets = np.round((len(available) - 1) * u**2)
-    elif spacing == "time":
-        targets = np.round((len(available) - 1) * u)
     else:
         alphas_cumprod = np.asarray(diffusion.alphas_cumprod, dtype=np.float64)
         lambdas = 0.5 * (np.log(alphas_cumprod) - np.log1p(-alphas_cumprod))
@@ -113,7 +140,7 @@ def sample_ddim(
     model: Model,
     diffusion: GaussianDiffusion,
     shape: Sequence[int],
-    steps: Optional[int] = None,
+    steps: Optional[Steps] = None,
     timesteps: Optional[Sequence[int]] = None,
     noise: Optional[torch.Tensor] = None,
     model_kwargs: Optional[Dict[str, Any]] = None,
@@ -143,7 +170,7 @@ def sample_plms(
     model: Model,
     diffusion: GaussianDiffusion,
     shape: Sequence[int],
-    steps: Optional[int] = None,
+    steps: Optional[Steps] = None,
     timesteps: Optional[Sequence[int]] = None,
     noise: Optional[torch.Tensor] = None,
     model_kwargs: Optional[Dict[str, Any]] = None,
@@ -188,7 +215,7 @@ def sample_dpmpp_2m(
     model: Model,
     diffusion: GaussianDiffusion,
     shape: Sequence[int],
-    steps: Optional[int] = None,
+    steps: Optional[Steps] = None,
     timesteps: Optional[Sequence[int]] = None,
     noise: Optional[torch.Tensor] = None,
     model_kwargs: Optional[Dict[str, Any]] = None,
@@ -249,7 +276,7 @@ def _start(
     model: Model,
     diffusion: GaussianDiffusion,
     shape: Sequence[int],
-    steps: Optional[int],
+    steps: Optional[Steps],
     timesteps: Optional[Sequence[int]],
     noise: Optional[torch.Tensor],
     device: Optional[Union[torch.device, str]],

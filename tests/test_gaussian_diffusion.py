@@ -404,3 +404,38 @@ def test_v_training_loss_is_the_mse_to_the_hand_computed_v_target():
     )["vb"]
     torch.testing.assert_close(diffusion.training_losses(exact_model, x_start, t, noise=noise)["vb"], eps_vb,
                                rtol=1e-3, atol=1e-5)
+
+
+# Recorded with the commit before the sampling-layer redesign (e64c811) for the shipped demo
+# base, 10 respaced steps, seed 0: sample sum and sample[0, :, 10, 20]. The redesign moved no
+# number of the original loops (bit-identical on the machine that recorded them; the tolerance
+# only allows for another CPU's float32 kernels).
+RECORDED_LOOPS = {
+    "p_sample_loop": (-11292.613122844137, [-0.9895851612091064, -0.9483606815338135, -0.9653220176696777]),
+    "ddim_sample_loop": (-11316.09135607304, [-1.0, -0.9685431718826294, -0.9954091310501099]),
+}
+
+
+@pytest.mark.parametrize("loop", sorted(RECORDED_LOOPS))
+def test_original_loops_give_the_values_recorded_before_the_redesign(loop):
+    from glide_text2im import demo
+    from glide_text2im.download import load_checkpoint
+    from glide_text2im.model_creation import create_model_and_diffusion
+
+    options = dict(demo.options("demo/base"), timestep_respacing="10")
+    model, diffusion = create_model_and_diffusion(**options)
+    model.load_state_dict(load_checkpoint("demo/base", "cpu"))
+    model.eval()
+    tokenizer = model.tokenizer
+    tokens, mask = tokenizer.padded_tokens_and_mask(
+        tokenizer.encode("a red circle on a black background"), options["text_ctx"]
+    )
+    model_kwargs = dict(tokens=torch.tensor([tokens]), mask=torch.tensor([mask], dtype=torch.bool))
+    with torch.no_grad():
+        sample = getattr(diffusion, loop)(
+            model, (1, 3, 64, 64), model_kwargs=model_kwargs, device="cpu", progress=False,
+            generator=torch.Generator().manual_seed(0),
+        )
+    total, pixel = RECORDED_LOOPS[loop]
+    assert sample.double().sum().item() == pytest.approx(total, abs=0.05)
+    assert sample[0, :, 10, 20].tolist() == pytest.approx(pixel, abs=1e-4)

@@ -529,8 +529,9 @@ def test_output_save_writes_the_commands_metadata_and_never_overwrites_by_defaul
     settings = json.loads(text["settings"])
     assert settings == dict(
         base_checkpoint=tiny["base"], upsample_checkpoint=tiny["upsample"], num_images_per_prompt=2,
-        guidance_scale=3.0, steps=STEPS, sampler="ancestral", upsample_steps=UPSAMPLE_STEPS,
-        upsample_sampler="ddim", upsample_temp=0.997, dtype="float32", device="cpu", version=glide_text2im.__version__,
+        guidance_scale=3.0, steps=STEPS, spacing=None, sampler="ancestral", upsample_steps=UPSAMPLE_STEPS,
+        upsample_spacing=None, upsample_sampler="ddim", upsample_temp=0.997, dtype="float32", device="cpu",
+        version=glide_text2im.__version__,
     )
 
     second = out.save(str(folder))  # numbered on: nothing replaced

@@ -13,7 +13,9 @@ from glide_text2im.model_creation import (
     model_and_diffusion_defaults,
     model_and_diffusion_defaults_upsampler,
 )
+from glide_text2im.respace import space_timesteps
 from glide_text2im.samplers import (
+    is_step_count,
     SAMPLERS,
     SPACINGS,
     get_timesteps,
@@ -160,6 +162,27 @@ def test_every_grid_has_exactly_steps_distinct_decreasing_timesteps(schedule, st
     assert all(a > b for a, b in zip(timesteps, timesteps[1:]))
 
 
+def test_time_grid_is_the_original_respacing_of_every_step_count():
+    diffusion = build_diffusion("linear")
+    for steps in range(1, 1001):
+        assert get_timesteps(diffusion, steps, "time") == sorted(space_timesteps(1000, str(steps)), reverse=True)
+
+
+def test_digit_strings_are_step_counts_and_other_respacing_strings_are_the_originals():
+    diffusion = build_diffusion("linear")
+    assert get_timesteps(diffusion, "25") == get_timesteps(diffusion, 25)
+    assert get_timesteps(diffusion, "25", "time") == get_timesteps(diffusion, 25, "time")
+    assert get_timesteps(diffusion, "ddim10") == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+    assert get_timesteps(diffusion, "fast27") == sorted(space_timesteps(1000, "fast27"), reverse=True)
+    assert get_timesteps(diffusion, "2,3") == [999, 750, 500, 499, 0]
+    with pytest.raises(ValueError, match="spacing 'quadratic' places a step count; steps 'ddim10' is a respacing"):
+        get_timesteps(diffusion, "ddim10", "quadratic")
+    with pytest.raises(ValueError, match="invalid timestep respacing 'fast'"):
+        get_timesteps(diffusion, "fast")
+    assert is_step_count(25) and is_step_count("25")
+    assert not any(is_step_count(steps) for steps in (None, True, "ddim25", "fast27", "10,10", 2.5))
+
+
 def test_logsnr_grid_is_even_in_log_snr():
     diffusion = build_diffusion("linear")
     timesteps = get_timesteps(diffusion, 8, "logsnr")
@@ -180,7 +203,7 @@ def test_respaced_diffusion_offers_only_its_own_timesteps():
     [
         (dict(steps=0), ValueError, r"steps must be in 1 \.\. 1000"),
         (dict(steps=1001), ValueError, r"steps must be in 1 \.\. 1000"),
-        (dict(steps=2.5), TypeError, "steps must be an int"),
+        (dict(steps=2.5), TypeError, "steps must be an int or a respacing string"),
         (dict(steps=5, timesteps=[999, 0]), ValueError, "either steps or timesteps"),
         (dict(timesteps=[]), ValueError, "timesteps is empty"),
         (dict(timesteps=[0, 999]), ValueError, "strictly decreasing"),

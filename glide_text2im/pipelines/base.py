@@ -24,7 +24,7 @@ from ..noise import GroupedNoise
 from ..respace import SpacedDiffusion
 from .images import image_file_name, next_free_index, round_to_uint8_levels, save_png, to_pil_images
 from .loading import LoadedModel, check_model_kind
-from .sampling import Sampler, get_sampler
+from .sampling import Sampler, get_sampler, sampler_spacing
 from .validation import check_seed
 
 # callback(step, total_steps, sample, pred_xstart): after each step of every stage, with the
@@ -208,6 +208,7 @@ class Upsampling:
 
     diffusion: SpacedDiffusion
     steps: str
+    spacing: Optional[str]  # None for a respacing string
     sampler: Sampler
     temp: float
 
@@ -286,11 +287,20 @@ class DiffusionPipeline:
             return None
         if self.upsampler is None:
             raise ValueError("this pipeline has no upsampler: load one or pass upsample=False")
-        return Upsampling(self.upsampler.diffusion(steps), str(steps), get_sampler(sampler), temp)
+        up_sampler = get_sampler(sampler)
+        spacing = sampler_spacing(up_sampler, steps, None)
+        return Upsampling(self.upsampler.diffusion(steps, spacing), str(steps), spacing, up_sampler, temp)
+
+    def _base_stage(
+        self, steps: Union[str, int], sampler: str, spacing: Optional[str]
+    ) -> Tuple[SpacedDiffusion, Sampler]:
+        """A call's base diffusion, keeping the timesteps its ``steps`` and ``spacing`` pick, and its sampler."""
+        base_sampler = get_sampler(sampler)
+        return self.base.diffusion(steps, sampler_spacing(base_sampler, steps, spacing)), base_sampler
 
     def _settings(
-        self, num_images_per_prompt: int, guidance_scale: float, steps: Union[str, int], sampler: str,
-        upsampling: Optional[Upsampling],
+        self, num_images_per_prompt: int, guidance_scale: float, steps: Union[str, int], sampler: Sampler,
+        spacing: Optional[str], upsampling: Optional[Upsampling],
     ) -> Dict[str, Any]:
         """A call's settings as its PNG files record them (JSON-serialisable)."""
         return dict(
@@ -299,8 +309,10 @@ class DiffusionPipeline:
             num_images_per_prompt=num_images_per_prompt,
             guidance_scale=guidance_scale,
             steps=str(steps),
-            sampler=sampler,
+            spacing=sampler_spacing(sampler, steps, spacing),
+            sampler=sampler.name,
             upsample_steps=upsampling.steps if upsampling else None,
+            upsample_spacing=upsampling.spacing if upsampling else None,
             upsample_sampler=upsampling.sampler.name if upsampling else None,
             upsample_temp=upsampling.temp if upsampling else None,
             dtype=str(self.base.model.dtype).replace("torch.", ""),

@@ -15,7 +15,6 @@ from ..demo import demo_equivalent
 from ..clip.model_creation import CLIPModel
 from .base import DiffusionPipeline, Generators, PipelineOutput, Seed, StepCallback
 from .loading import LoadedModel, Options, load_clip, load_model, pick_device
-from .sampling import get_sampler
 from .validation import check_count, check_guidance_scale, check_prompts
 
 
@@ -62,6 +61,7 @@ class CLIPGuidedPipeline(DiffusionPipeline):
         guidance_scale: float = 3.0,
         steps: Union[str, int] = "100",
         sampler: str = "ancestral",
+        spacing: Optional[str] = None,
         upsample: Optional[bool] = None,
         upsample_steps: Union[str, int] = "fast27",
         upsample_sampler: str = "ddim",
@@ -79,7 +79,7 @@ class CLIPGuidedPipeline(DiffusionPipeline):
         check_count(num_images_per_prompt, "num_images_per_prompt")
         check_guidance_scale(guidance_scale)
         self.check_prompts(prompts, truncate_prompts)
-        diffusion, base_sampler = self.base.diffusion(steps), get_sampler(sampler)
+        diffusion, base_sampler = self._base_stage(steps, sampler, spacing)
         if not base_sampler.supports_cond_fn:
             raise ValueError(f"sampler {sampler!r} takes no cond_fn, so it cannot apply CLIP guidance")
         upsampling = self._upsampling(upsample, upsample_steps, upsample_sampler, upsample_temp)
@@ -91,5 +91,5 @@ class CLIPGuidedPipeline(DiffusionPipeline):
                 cond_fn=self.clip.cond_fn(batch.prompt_rows, guidance_scale),
             )
             samples_256 = self._upsample(batch, samples_64, upsampling, report)
-        settings = self._settings(num_images_per_prompt, guidance_scale, steps, sampler, upsampling)
+        settings = self._settings(num_images_per_prompt, guidance_scale, steps, base_sampler, spacing, upsampling)
         return batch.output(samples_64, samples_256, return_tensors, settings)

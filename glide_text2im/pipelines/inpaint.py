@@ -15,7 +15,6 @@ from ..guidance import inpaint_denoised_fn
 from .base import DiffusionPipeline, Generators, PipelineOutput, Seed, StepCallback
 from .images import ImageLike, image_to_tensor, keep_masks, load_image, load_mask
 from .loading import Options, load_model, pick_device
-from .sampling import get_sampler
 from .validation import check_count, check_guidance_scale, check_prompts, check_square_image
 
 
@@ -57,6 +56,7 @@ class InpaintPipeline(DiffusionPipeline):
         guidance_scale: float = 5.0,
         steps: Union[str, int] = "100",
         sampler: str = "ancestral",
+        spacing: Optional[str] = None,
         upsample: Optional[bool] = None,
         upsample_steps: Union[str, int] = "fast27",
         upsample_sampler: str = "ancestral",
@@ -88,7 +88,7 @@ class InpaintPipeline(DiffusionPipeline):
         up_size = self.upsampler.image_size if self.upsampler is not None else 4 * self.base.image_size
         keep_64, keep_256 = keep_masks(regenerate, source.size, self.base.image_size, up_size, self.device)
         image_64 = image_to_tensor(source, self.base.image_size, self.device)
-        diffusion, base_sampler = self.base.diffusion(steps), get_sampler(sampler)
+        diffusion, base_sampler = self._base_stage(steps, sampler, spacing)
         upsampling = self._upsampling(upsample, upsample_steps, upsample_sampler, upsample_temp)
         inpaint_256 = (image_to_tensor(source, up_size, self.device), keep_256) if upsampling else None
         batch = self._prompt_batch(prompts, num_images_per_prompt, seed, generator, truncate_prompts)
@@ -102,5 +102,5 @@ class InpaintPipeline(DiffusionPipeline):
                 denoised_fn=inpaint_denoised_fn(model_kwargs["inpaint_image"], model_kwargs["inpaint_mask"]),
             )
             samples_256 = self._upsample(batch, samples_64, upsampling, report, inpaint_256)
-        settings = self._settings(num_images_per_prompt, guidance_scale, steps, sampler, upsampling)
+        settings = self._settings(num_images_per_prompt, guidance_scale, steps, base_sampler, spacing, upsampling)
         return batch.output(samples_64, samples_256, return_tensors, settings)

@@ -25,7 +25,7 @@ import inspect
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -41,7 +41,9 @@ from ..model_creation import (
     model_and_diffusion_defaults,
     model_and_diffusion_defaults_upsampler,
 )
-from ..respace import SpacedDiffusion, space_timesteps
+from ..gaussian_diffusion import get_named_beta_schedule
+from ..respace import SpacedDiffusion
+from ..samplers import get_timesteps
 from ..text2im_model import Text2ImUNet
 from .validation import load_weights
 
@@ -201,13 +203,13 @@ def set_precision(model: Text2ImUNet, dtype: torch.dtype) -> None:
 class LoadedModel:
     """A U-Net in eval mode with the options it was built from.
 
-    ``diffusion(respacing)`` gives its diffusion process respaced to the steps a call asks for.
+    ``diffusion(steps, spacing)`` gives its diffusion process keeping the timesteps a call asks for.
     """
 
     model: Text2ImUNet
     options: Options
     name: str = "model"
-    _diffusions: Dict[str, SpacedDiffusion] = field(default_factory=dict, repr=False)
+    _diffusions: Dict[Tuple[int, ...], SpacedDiffusion] = field(default_factory=dict, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -221,17 +223,22 @@ class LoadedModel:
     def text_ctx(self) -> int:
         return self.options["text_ctx"]
 
-    def diffusion(self, timestep_respacing: Union[str, int]) -> SpacedDiffusion:
-        """The model's diffusion keeping the steps named by ``timestep_respacing`` ("100", "ddim25", "fast27", 50)."""
-        respacing = check_respacing(timestep_respacing, self.options["diffusion_steps"])
-        if respacing not in self._diffusions:
-            self._diffusions[respacing] = create_gaussian_diffusion(
-                steps=self.options["diffusion_steps"],
-                noise_schedule=self.options["noise_schedule"],
-                timestep_respacing=respacing,
+    def diffusion(self, steps: Union[str, int], spacing: Optional[str] = None) -> SpacedDiffusion:
+        """The model's diffusion keeping the timesteps ``samplers.get_timesteps`` picks from its
+        full chain for ``steps`` (a step count such as 25 or "100", placed on ``spacing``, default
+        "quadratic"; or a respacing string such as "ddim25" or "fast27")."""
+        timesteps = get_timesteps(self._keeping(range(self.options["diffusion_steps"])), steps, spacing)
+        return self._keeping(timesteps)
+
+    def _keeping(self, timesteps: Iterable[int]) -> SpacedDiffusion:
+        key = tuple(sorted(timesteps))
+        if key not in self._diffusions:
+            self._diffusions[key] = SpacedDiffusion(
+                use_timesteps=set(key),
+                betas=get_named_beta_schedule(self.options["noise_schedule"], self.options["diffusion_steps"]),
                 prediction=self.options.get("prediction", "eps"),
             )
-        return self._diffusions[respacing]
+        return self._diffusions[key]
 
     def text_kwargs(self, prompts: Sequence[Optional[str]], truncate: bool = False) -> Dict[str, torch.Tensor]:
         """Model kwargs for one row per prompt (``None`` = the unconditional row).
@@ -254,14 +261,11 @@ class LoadedModel:
         )
 
 
-def check_respacing(timestep_respacing: Union[str, int], diffusion_steps: int) -> str:
-    """``timestep_respacing`` as a string, after checking that it names a valid set of steps."""
-    if isinstance(timestep_respacing, bool) or not isinstance(timestep_respacing, (str, int)):
-        raise TypeError(f"steps must be an int or a respacing string, got {timestep_respacing!r}")
-    respacing = str(timestep_respacing)
-    if not space_timesteps(diffusion_steps, respacing):
-        raise ValueError(f"steps {respacing!r} keeps no timesteps")
-    return respacing
+def check_steps(steps: Union[str, int], options: Options, spacing: Optional[str] = None) -> List[int]:
+    """The timesteps ``steps`` and ``spacing`` pick (see ``samplers.get_timesteps``) from the full
+    chain of a model built from ``options``; raises a one-line error for steps it cannot take."""
+    diffusion = create_gaussian_diffusion(options["diffusion_steps"], options["noise_schedule"])
+    return get_timesteps(diffusion, steps, spacing)
 
 
 def prompt_too_long(prompt: str, num_tokens: int, text_ctx: int) -> PromptTooLongError:

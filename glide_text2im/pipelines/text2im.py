@@ -7,7 +7,6 @@ import torch
 from ..demo import demo_equivalent
 from .base import DiffusionPipeline, Generators, PipelineOutput, Seed, StepCallback
 from .loading import Options, load_model, pick_device
-from .sampling import get_sampler
 from .validation import check_count, check_guidance_scale, check_prompts
 
 
@@ -49,6 +48,7 @@ class Text2ImPipeline(DiffusionPipeline):
         guidance_scale: float = 3.0,
         steps: Union[str, int] = "100",
         sampler: str = "ancestral",
+        spacing: Optional[str] = None,
         upsample: Optional[bool] = None,
         upsample_steps: Union[str, int] = "fast27",
         upsample_sampler: str = "ddim",
@@ -62,8 +62,13 @@ class Text2ImPipeline(DiffusionPipeline):
     ) -> PipelineOutput:
         """Generate ``num_images_per_prompt`` images for each prompt.
 
-        :param steps: the base model's timestep respacing ("100", "ddim25", "fast27", or an int).
-        :param sampler: a name of ``pipelines.sampling.SAMPLERS`` ("ancestral", "ddim", ...).
+        :param steps: the base model's steps: a count (25, or "100") or a respacing string of the
+            original ("ddim25", "fast27"); ``samplers.get_timesteps`` says which timesteps each picks.
+        :param sampler: a name of ``pipelines.sampling.SAMPLERS`` ("ancestral", "ddim", "dpmpp_2m", ...).
+        :param spacing: the grid a step count is placed on ("time", "quadratic", "logsnr");
+            default: the sampler's own ("time", the notebooks' respacing, for "ancestral" and
+            "ddim"; "quadratic" for the few-step solvers). ``upsample_steps`` always use the
+            upsample sampler's own.
         :param upsample: run the upsampler (default: when the pipeline has one).
         :param upsample_temp: scale of the upsampler's start noise.
         :param seed: prompt k uses a generator seeded with ``seed + k`` (or ``seed[k]`` for a list).
@@ -76,7 +81,7 @@ class Text2ImPipeline(DiffusionPipeline):
         check_count(num_images_per_prompt, "num_images_per_prompt")
         check_guidance_scale(guidance_scale)
         self.check_prompts(prompts, truncate_prompts)
-        diffusion, base_sampler = self.base.diffusion(steps), get_sampler(sampler)
+        diffusion, base_sampler = self._base_stage(steps, sampler, spacing)
         upsampling = self._upsampling(upsample, upsample_steps, upsample_sampler, upsample_temp)
         batch = self._prompt_batch(prompts, num_images_per_prompt, seed, generator, truncate_prompts)
         with self._reporter(diffusion, upsampling, callback, progress) as report:
@@ -86,5 +91,5 @@ class Text2ImPipeline(DiffusionPipeline):
                 model_kwargs=model_kwargs, guidance_scale=guidance_scale,
             )
             samples_256 = self._upsample(batch, samples_64, upsampling, report)
-        settings = self._settings(num_images_per_prompt, guidance_scale, steps, sampler, upsampling)
+        settings = self._settings(num_images_per_prompt, guidance_scale, steps, base_sampler, spacing, upsampling)
         return batch.output(samples_64, samples_256, return_tensors, settings)

@@ -380,6 +380,52 @@ def test_clip_guided_pipeline_gives_the_asked_colour_with_every_sampler():
     assert [judge(image).colour for image in out.samples_64] == ["red", "green"]
 
 
+def test_pipeline_cli_benchmark_and_quality_tests_evaluate_the_same_timesteps(base, monkeypatch, tmp_path):
+    """``steps=25`` with DPM-Solver++ is one list of timesteps for a user of the pipeline or the
+    CLI, for the benchmark's timed images and for the quality tests here (issue 25)."""
+    import importlib.util
+
+    from glide_text2im.cli import main
+    from glide_text2im.samplers import get_timesteps
+    from glide_text2im.text2im_model import Text2ImUNet
+
+    calls = {}  # path -> the timestep of each base-model evaluation, in order
+    path = "pipeline"
+    forward = Text2ImUNet.forward
+
+    def recording_forward(self, x, timesteps, *args, **kwargs):
+        calls.setdefault(path, []).append(int(timesteps[0]))
+        return forward(self, x, timesteps, *args, **kwargs)
+
+    monkeypatch.setattr(Text2ImUNet, "forward", recording_forward)
+    prompt = "a red circle on a black background"
+    pipe = Text2ImPipeline.from_pretrained(demo=True, upsampler=None, device="cpu", progress=False)
+    pipe(prompt, steps=SAMPLE_STEPS, sampler="dpmpp_2m", seed=0)
+    path = "cli"
+    flags = ["--steps", str(SAMPLE_STEPS), "--sampler", "dpmpp_2m", "--no-upsample", "--seed", "0", "--quiet"]
+    assert main(["generate", prompt, "--demo", *flags, "--out", str(tmp_path)]) == 0
+    path = "quality tests"
+    guided_samples(base[0], base[1], [prompt], seed=0)
+
+    spec = importlib.util.spec_from_file_location("bench_sampling", REPO_ROOT / "benchmarks" / "bench_sampling.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    small_base, base_options = bench.build_model("base", True, torch.device("cpu"), torch.float32, 0)
+    small_up, up_options = bench.build_model("upsample", True, torch.device("cpu"), torch.float32, 1)
+
+    def recording_model_fn(x, t, **kwargs):
+        calls.setdefault("benchmark", []).append(int(t[0]))
+        return torch.zeros(x.shape[0], 6, *x.shape[2:])
+
+    setting = dict(name="dpmpp_2m", path="fast", base="dpmpp_2m", base_steps=SAMPLE_STEPS, up="dpmpp_2m", up_steps=10)
+    bench.generate_image(setting, small_base, base_options, small_up, up_options, torch.device("cpu"),
+                         torch.Generator().manual_seed(0), model_fn=recording_model_fn, up_model=bench.stand_in())
+
+    expected = get_timesteps(base[1], SAMPLE_STEPS, "quadratic")
+    assert len(expected) == SAMPLE_STEPS and expected[0] == 999 and expected[-1] == 0
+    assert calls == {name: expected for name in ("pipeline", "cli", "quality tests", "benchmark")}
+
+
 CLI_PROMPT = "a blue triangle on a yellow background"
 
 
