@@ -133,7 +133,8 @@ def _torch_load(source: Union[str, BinaryIO], device: Union[str, torch.device], 
     try:
         return torch.load(source, map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        # older torch says "Unsupported global: GLOBAL x.y", torch 2.13 "unsupported GLOBAL x.y whose module"
+        found = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(exc), re.IGNORECASE)
         what = f"it would call {found.group(1)}" if found else "it holds more than tensors"
         raise CheckpointError(f"{name} was refused: {what}, and a checkpoint may hold only tensors") from None
     except (EOFError, RuntimeError, zipfile.BadZipFile, KeyError, OSError) as exc:
