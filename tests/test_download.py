@@ -406,3 +406,13 @@ def test_cloud_cache_dir_goes_through_blobfile(server, tmp_path, monkeypatch):
     assert sorted(os.listdir(stored)) == ["weights.pt", "weights.pt.sha256"]
     assert (stored / "weights.pt").read_bytes() == server.files["weights.pt"]
     assert server.bodies_sent["weights.pt"] == 1
+
+
+def test_wrong_file_under_an_official_name_is_refused_on_load(tmp_path):
+    torch.save(STATE_DICT, tmp_path / "base.pt")  # placed by hand, as the error messages suggest
+    expected = (
+        r"base\.pt is not the base checkpoint: it has 2 entries holding 15 elements, "
+        r"the official file has 783 entries holding 385030726$"
+    )
+    with pytest.raises(IntegrityError, match=expected):
+        load_checkpoint("base", "cpu", cache_dir=str(tmp_path))
