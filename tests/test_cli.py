@@ -296,7 +296,7 @@ def error_cases(tiny: dict, tmp: Path) -> dict:
             r"prompts file not found: .*nope\.txt",
         ),
         "missing mask": ([*inpaint, "--mask", tmp / "nope.png"], r"mask not found: .*nope\.png"),
-        "missing checkpoint file": ([*generate, "--base-checkpoint", tmp / "gone.pt"], r"unknown checkpoint '.*gone\.pt'"),
+        "missing checkpoint file": ([*generate, "--base-checkpoint", tmp / "gone.pt"], r"no such file: .*gone\.pt$"),
         "unknown checkpoint": ([*generate, "--base-checkpoint", "base-v2"], r"unknown checkpoint 'base-v2': known names"),
         "mask size": ([*inpaint, "--mask", tmp / "odd-mask.png"], r"the 50x32 mask cannot be mapped onto the 96x96 image"),
         "empty mask": ([*inpaint, "--mask", tmp / "black-mask.png"], r"the mask has no white pixels: nothing to regenerate"),
