@@ -25,7 +25,7 @@ setup(
         ],
     },
     install_requires=[
-        "torch>=2.0",
+        "torch>=2.6",
         "numpy",
         "pillow",
         "ftfy",

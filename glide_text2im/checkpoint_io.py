@@ -11,7 +11,7 @@ import re
 import stat
 import uuid
 import zipfile
-from typing import Dict, Union
+from typing import BinaryIO, Dict, Union
 
 import torch
 
@@ -50,7 +50,7 @@ def read_state_dict(path: str, device: Union[str, torch.device] = "cpu") -> Stat
     """
     check_torch_version()
     if not os.path.exists(path):
-        raise CheckpointError(f"no such checkpoint file: {path}")
+        raise CheckpointError(f"no such file: {path}")
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a folder, not a checkpoint file")
     if os.path.getsize(path) == 0:
@@ -115,14 +115,30 @@ def _read_torch(path: str, device: Union[str, torch.device]) -> StateDict:
             if f.read(4) == _ZIP_MAGIC:
                 raise CheckpointError(f"{path} is truncated or damaged: its zip directory is missing")
         raise CheckpointError(f"{path} is not a checkpoint: neither a PyTorch (zip) nor a safetensors file")
+    return _torch_load(path, device, path)
+
+
+def read_torch_file(f: BinaryIO, name: str, device: Union[str, torch.device] = "cpu") -> StateDict:
+    """The state dict in the open PyTorch-format file ``f`` (e.g. a blobfile), on ``device``.
+
+    Like `read_state_dict`, but for a file that is not a local path; ``name`` is used in errors.
+    """
+    check_torch_version()
+    state_dict = _torch_load(f, device, name)
+    _check_state_dict(state_dict, name)
+    return state_dict
+
+
+def _torch_load(source: Union[str, BinaryIO], device: Union[str, torch.device], name: str) -> object:
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(source, map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        # older torch says "Unsupported global: GLOBAL x.y", torch 2.13 "unsupported GLOBAL x.y whose module"
+        found = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(exc), re.IGNORECASE)
         what = f"it would call {found.group(1)}" if found else "it holds more than tensors"
-        raise CheckpointError(f"{path} was refused: {what}, and a checkpoint may hold only tensors") from None
+        raise CheckpointError(f"{name} was refused: {what}, and a checkpoint may hold only tensors") from None
     except (EOFError, RuntimeError, zipfile.BadZipFile, KeyError, OSError) as exc:
-        raise CheckpointError(f"{path} is damaged or truncated: {_first_line(exc)}") from None
+        raise CheckpointError(f"{name} is damaged or truncated: {first_line(exc)}") from None
 
 
 def _read_safetensors(path: str, device: Union[str, torch.device]) -> StateDict:
@@ -132,7 +148,7 @@ def _read_safetensors(path: str, device: Union[str, torch.device]) -> StateDict:
     try:
         return load_file(path, device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is a damaged safetensors file: {_first_line(exc)}") from None
+        raise CheckpointError(f"{path} is a damaged safetensors file: {first_line(exc)}") from None
 
 
 def _check_state_dict(state_dict: object, path: str) -> None:
@@ -143,6 +159,7 @@ def _check_state_dict(state_dict: object, path: str) -> None:
             raise CheckpointError(f"{path} does not hold a state dict: entry {key!r} is not a named tensor")
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (at most 200 characters), else its class name."""
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]

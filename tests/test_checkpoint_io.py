@@ -212,7 +212,7 @@ def test_convert_overwrites_only_when_asked_and_drops_stale_sidecars(tmp_path, c
 @pytest.mark.parametrize(
     "source, destination, pattern",
     [
-        ("{tmp}/gone.pt", "{tmp}/x.safetensors", r"unknown checkpoint '.*gone\.pt': known names are"),
+        ("{tmp}/gone.pt", "{tmp}/x.safetensors", r"no such file: .*gone\.pt$"),
         ("base-v2", "{tmp}/x.safetensors", r"unknown checkpoint 'base-v2'"),
         ("{tmp}/damaged.pt", "{tmp}/x.safetensors", r"damaged\.pt is not a checkpoint"),
         ("{tmp}/truncated.safetensors", "{tmp}/x.pt", r"truncated\.safetensors is a damaged safetensors file"),

@@ -4,8 +4,10 @@ import collections
 import hashlib
 import io
 import json
+import math
 import os
 import random
+import re
 import shutil
 import socket
 import threading
@@ -21,6 +23,7 @@ from glide_text2im.checkpoint_io import CheckpointError
 from glide_text2im.download import (
     MAX_ATTEMPTS,
     MODEL_PATHS,
+    OFFICIAL_SIZES,
     DownloadError,
     IntegrityError,
     default_cache_dir,
@@ -156,9 +159,10 @@ def closed_port_url(name: str) -> str:
 
 
 def assert_nothing_left(cache_dir, name: str) -> None:
-    """No file under the final name and no checksum sidecar for it."""
-    assert not os.path.exists(os.path.join(cache_dir, name))
-    assert not os.path.exists(os.path.join(cache_dir, name + ".sha256"))
+    """Nothing in `cache_dir` but (at most) the lock file of `name`: no file under the final
+    name, no checksum sidecar, no temporary download."""
+    left = os.listdir(cache_dir) if os.path.isdir(cache_dir) else []
+    assert set(left) <= {name + ".lock"}, left
 
 
 def test_download_shows_progress_writes_sidecar_and_is_cached(server, tmp_path, capsys):
@@ -168,7 +172,7 @@ def test_download_shows_progress_writes_sidecar_and_is_cached(server, tmp_path, 
     assert (tmp_path / "blob.bin").read_bytes() == BLOB
     digest = hashlib.sha256(BLOB).hexdigest()
     assert (tmp_path / "blob.bin.sha256").read_text() == f"{digest}  blob.bin\n"
-    assert not (tmp_path / "blob.bin.part").exists()
+    assert sorted(os.listdir(tmp_path)) == ["blob.bin", "blob.bin.lock", "blob.bin.sha256"]
     progress = capsys.readouterr().err
     assert "blob.bin" in progress and "100%" in progress and "195k/195k" in progress
 
@@ -201,14 +205,6 @@ def test_download_restarts_when_server_ignores_range(server, tmp_path):
     assert server.bodies_sent["blob.bin"] == 2
 
 
-def test_partial_file_from_an_earlier_run_is_resumed(server, tmp_path):
-    (tmp_path / "blob.bin.part").write_bytes(BLOB[:1000])
-    path = fetch_file_cached(server.url("ok", "blob.bin"), progress=False, cache_dir=str(tmp_path))
-
-    assert open(path, "rb").read() == BLOB
-    assert server.requests == [("/ok/blob.bin", "bytes=1000-")]
-
-
 @pytest.mark.parametrize("status", [404, 500])
 def test_http_error_is_reported_and_leaves_nothing(server, tmp_path, status):
     url = server.url(str(status), "blob.bin")
@@ -219,7 +215,7 @@ def test_http_error_is_reported_and_leaves_nothing(server, tmp_path, status):
     assert f"HTTP {status}" in message
     assert url in message and f"place it at {tmp_path / 'blob.bin'}" in message
     assert_nothing_left(tmp_path, "blob.bin")
-    assert not (tmp_path / "blob.bin.part").exists()
+    assert "\n" not in message
     assert len(server.requests) == 1  # no retry loop
 
 
@@ -235,7 +231,6 @@ def test_checksum_mismatch_is_refused(server, tmp_path):
         fetch_file_cached(server.url("wrong", "blob.bin"), progress=False, cache_dir=str(tmp_path), sha256=digest)
 
     assert_nothing_left(tmp_path, "blob.bin")
-    assert not (tmp_path / "blob.bin.part").exists()
 
 
 def test_truncated_body_is_refused(server, tmp_path):
@@ -244,7 +239,6 @@ def test_truncated_body_is_refused(server, tmp_path):
 
     assert_nothing_left(tmp_path, "blob.bin")
     assert server.bodies_sent["blob.bin"] == MAX_ATTEMPTS
-    assert (tmp_path / "blob.bin.part").stat().st_size < len(BLOB)
 
 
 def test_corrupted_cached_file_is_detected(server, tmp_path):
@@ -283,6 +277,7 @@ def test_concurrent_fetches_download_once(server, tmp_path):
 
 def test_load_checkpoint_downloads_official_name_into_env_cache(server, tmp_path, monkeypatch):
     monkeypatch.setitem(MODEL_PATHS, "base", server.url("ok", "weights.pt"))
+    monkeypatch.setitem(OFFICIAL_SIZES, "base", (2, 15))  # the sizes of STATE_DICT
     monkeypatch.setenv("GLIDE_CACHE_DIR", str(tmp_path / "cache"))
 
     state_dict = load_checkpoint("base", "cpu", progress=False)
@@ -303,8 +298,8 @@ def test_load_checkpoint_offline_fails_fast_with_instructions(tmp_path, monkeypa
     assert time.monotonic() - start < 3.0
 
     message = str(info.value)
-    assert "base.pt" in message and url in message
-    assert f"place it at {tmp_path / 'base.pt'}" in message
+    assert "base.pt" in message and url in message and "\n" not in message
+    assert f"place it at {tmp_path / 'base.pt'}" in message and "set $GLIDE_CACHE_DIR" in message
     assert_nothing_left(tmp_path, "base.pt")
 
 
@@ -341,6 +336,25 @@ def test_model_paths_match_spec(spec_dir):
     checkpoints = json.loads((spec_dir / "checkpoints.json").read_text())["checkpoints"]
     assert MODEL_PATHS == {c["name"]: c["url"] for c in checkpoints}
     assert [download._url_filename(c["url"]) for c in checkpoints] == [c["cached_filename"] for c in checkpoints]
+
+
+def test_official_sizes_match_spec(spec_dir):
+    checkpoints = json.loads((spec_dir / "checkpoints.json").read_text())["checkpoints"]
+    for checkpoint in checkpoints:
+        spec = json.loads((spec_dir / checkpoint["spec_file"]).read_text())
+        elements = sum(math.prod(shape) for _, shape, _ in spec["state_dict"])
+        assert spec["num_state_dict_entries"] == len(spec["state_dict"])
+        assert OFFICIAL_SIZES[checkpoint["name"]] == (len(spec["state_dict"]), elements)
+    assert sorted(OFFICIAL_SIZES) == sorted(MODEL_PATHS)
+
+
+def test_missing_file_path_is_not_called_an_unknown_name(tmp_path):
+    (tmp_path / "models").mkdir()
+    for name in (str(tmp_path / "gone.pt"), "gone.safetensors", str(tmp_path / "models" / "mine"), "./mine"):
+        with pytest.raises(CheckpointError, match=f"^no such file: {re.escape(name)}$"):
+            load_checkpoint(name, "cpu")
+    with pytest.raises(ValueError, match="^unknown checkpoint 'clip/txet-enc': known names are"):
+        load_checkpoint("clip/txet-enc", "cpu")
 
 
 def test_default_cache_dir_precedence(tmp_path, monkeypatch):
@@ -382,6 +396,7 @@ def test_cloud_cache_dir_goes_through_blobfile(server, tmp_path, monkeypatch):
     assert not is_cloud_path(str(tmp_path)) and not is_cloud_path("https://example.com/x.pt")
     monkeypatch.setattr(download, "bf", FakeBlobfile(str(tmp_path / "bucket")))
     monkeypatch.setitem(MODEL_PATHS, "base", server.url("ok", "weights.pt"))
+    monkeypatch.delitem(OFFICIAL_SIZES, "base")
 
     for _ in range(2):
         state_dict = load_checkpoint("base", "cpu", progress=False, cache_dir="gs://bucket/cache/")
@@ -391,3 +406,13 @@ def test_cloud_cache_dir_goes_through_blobfile(server, tmp_path, monkeypatch):
     assert sorted(os.listdir(stored)) == ["weights.pt", "weights.pt.sha256"]
     assert (stored / "weights.pt").read_bytes() == server.files["weights.pt"]
     assert server.bodies_sent["weights.pt"] == 1
+
+
+def test_wrong_file_under_an_official_name_is_refused_on_load(tmp_path):
+    torch.save(STATE_DICT, tmp_path / "base.pt")  # placed by hand, as the error messages suggest
+    expected = (
+        r"base\.pt is not the base checkpoint: it has 2 entries holding 15 elements, "
+        r"the official file has 783 entries holding 385030726$"
+    )
+    with pytest.raises(IntegrityError, match=expected):
+        load_checkpoint("base", "cpu", cache_dir=str(tmp_path))
