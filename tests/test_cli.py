@@ -6,6 +6,7 @@ local HTTP server, and prompt sharding under ``torchrun --nproc_per_node 2`` (gl
 """
 
 import functools
+import hashlib
 import http.server
 import json
 import os
@@ -23,7 +24,7 @@ import torch
 from PIL import Image
 
 from glide_text2im.pipelines import CLIPGuidedPipeline, InpaintPipeline, Text2ImPipeline
-from glide_text2im.tokenizer.vocab import PACKAGED_VOCAB_DIR, VOCAB_NAMES
+from glide_text2im.tokenizer.vocab import PACKAGED_VOCAB_DIR, VOCAB_NAMES, VOCAB_SHA256
 from tests.test_pipelines import build_tiny_checkpoints, one_thread  # noqa: F401  (autouse fixture)
 
 BIN = Path(sys.executable).parent
@@ -267,7 +268,11 @@ def test_download_uses_cached_checkpoints_and_packaged_vocabularies(env, tmp_pat
     (tmp_path / "upsample.pt").write_bytes(b"already here")
     lines = assert_ok(run(["download", "upsample", "vocab"], dict(env, GLIDE_CACHE_DIR=str(tmp_path))))
     assert lines[0] == str(tmp_path / "upsample.pt")
-    assert [Path(line).parent for line in lines[1:]] == [Path(PACKAGED_VOCAB_DIR)] * len(VOCAB_NAMES)
+    # The package's own copies: the checkout's or, after a non-editable install, the installed ones.
+    for line in lines[1:]:
+        path = Path(line)
+        assert path.parent.parts[-3:] == Path(PACKAGED_VOCAB_DIR).parts[-3:] == ("glide_text2im", "tokenizer", "data")
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == VOCAB_SHA256[path.name]
     assert [Path(line).name.replace(".gz", "") for line in lines[1:]] == list(VOCAB_NAMES)
 
 

@@ -137,7 +137,7 @@ def installed_env(wheel, tmp_path_factory) -> Path:
     (site_packages / "_test_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
     subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps", str(wheel)],
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps", "--ignore-installed", str(wheel)],
         check=True,
         cwd=env_dir,
     )
