@@ -110,7 +110,7 @@ def get_timesteps(
             raise TypeError(f"steps must be an int or a respacing string, got {steps!r}")
         if spacing is not None:
             raise ValueError(f"spacing {spacing!r} places a step count; steps {steps!r} is a respacing string")
-        return [available[i] for i in sorted(space_timesteps(len(available), steps), reverse=True)]
+        return _respaced(available, steps)
     spacing = "quadratic" if spacing is None else spacing
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}: expected one of {SPACINGS}")
@@ -118,7 +118,7 @@ def get_timesteps(
     if not 1 <= steps <= len(available):
         raise ValueError(f"steps must be in 1 .. {len(available)} (the diffusion's timesteps), got {steps}")
     if spacing == "time":
-        return [available[i] for i in sorted(space_timesteps(len(available), str(steps)), reverse=True)]
+        return _respaced(available, str(steps))
     u = np.linspace(1.0, 0.0, steps)
     if spacing == "quadratic":
         targets = np.round((len(available) - 1) * u**2)
@@ -270,6 +270,11 @@ SAMPLERS: Dict[str, Callable[..., torch.Tensor]] = {
 def _available_timesteps(diffusion: GaussianDiffusion) -> List[int]:
     """The original timesteps whose alphas_cumprod the diffusion knows, increasing."""
     return [int(t) for t in getattr(diffusion, "timestep_map", range(diffusion.num_timesteps))]
+
+
+def _respaced(available: List[int], respacing: str) -> List[int]:
+    """The timesteps of ``available`` (increasing) that ``respace.space_timesteps`` keeps, decreasing."""
+    return [available[i] for i in sorted(space_timesteps(len(available), respacing), reverse=True)]
 
 
 def _start(
