@@ -18,6 +18,7 @@ import torch
 StateDict = Dict[str, torch.Tensor]
 
 SAFETENSORS_SUFFIX = ".safetensors"
+CHECKPOINT_SUFFIXES = (".pt", SAFETENSORS_SUFFIX)  # the file names of state-dict files
 _ZIP_MAGIC = b"PK\x03\x04"
 _MIN_TORCH = (2, 6)  # torch.load(weights_only=True) can run code before 2.6 (CVE-2025-32434)
 

@@ -29,7 +29,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from glide_text2im.checkpoint_io import (
-    SAFETENSORS_SUFFIX,
+    CHECKPOINT_SUFFIXES,
     CheckpointError,
     StateDict,
     first_line,
@@ -67,7 +67,6 @@ CONNECT_TIMEOUT = 10.0  # seconds to establish a connection; an offline machine 
 READ_TIMEOUT = 60.0  # seconds without a byte before a stalled download counts as dropped
 MAX_ATTEMPTS = 5  # one download plus resumes, each only after the previous one made progress
 
-CHECKPOINT_SUFFIXES = (".pt", SAFETENSORS_SUFFIX)  # downloads with these names must be state dicts
 _CLOUD_PREFIXES = ("gs://", "az://")
 _HASH_BLOCK = 1 << 20
 _HTML_STARTS = (b"<!doctype html", b"<html")

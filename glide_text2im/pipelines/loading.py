@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 
-from ..checkpoint_io import SAFETENSORS_SUFFIX, read_state_dict, temporary_path, write_state_dict
+from ..checkpoint_io import CHECKPOINT_SUFFIXES, read_state_dict, temporary_path, write_state_dict
 from ..clip.model_creation import CLIPModel, create_clip_model, load_clip_config
 from ..demo.clip_tokenizer import ByteCLIPTokenizer
 from ..memory import retain_freed_memory
@@ -71,7 +71,6 @@ _OPTIONAL_OPTIONS = ("tokenizer", "norm_groups", "prediction")
 # Files that describe a checkpoint file, named ``<checkpoint file><suffix>``: the U-Net
 # options (JSON) and the noised CLIP config (YAML, beside the image encoder).
 SIDECAR_SUFFIXES = (".json", ".yaml")
-CHECKPOINT_SUFFIXES = (".pt", SAFETENSORS_SUFFIX)
 
 
 class PromptTooLongError(ValueError):
