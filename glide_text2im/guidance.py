@@ -2,7 +2,8 @@
 
 - :class:`ClassifierFreeGuidance`: the classifier-free-guidance ``model_fn`` of the official
   notebooks (Ho & Salimans 2021; GLIDE section 2.3). The batch holds the prompt rows first
-  and as many unconditional rows second.
+  and as many unconditional rows second; :func:`guided_prompts`, :func:`both_halves` and
+  :func:`cond_half` build and read that layout (every caller goes through them).
 - :func:`inpaint_denoised_fn`: the ``denoised_fn`` that pastes the known part of the image
   into every x_0 prediction, as the inpainting notebook does.
 
@@ -10,7 +11,7 @@ Both work with ``GaussianDiffusion.p_sample_loop`` / ``ddim_sample_loop`` and wi
 samplers of ``glide_text2im.samplers``.
 """
 
-from typing import Any, Callable
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 
@@ -39,18 +40,33 @@ class ClassifierFreeGuidance:
         self.guidance_scale = guidance_scale
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, **model_kwargs: Any) -> torch.Tensor:
-        if len(x_t) % 2:
-            raise ValueError(
-                f"classifier-free guidance needs an even batch (prompt rows, then unconditional rows), got {len(x_t)}"
-            )
-        half = x_t[: len(x_t) // 2]
-        model_out = self.model(torch.cat([half, half], dim=0), t, **model_kwargs)
+        model_out = self.model(both_halves(cond_half(x_t)), t, **model_kwargs)
         channels = x_t.shape[1]
         eps, rest = model_out[:, :channels], model_out[:, channels:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
         half_eps = uncond_eps + self.guidance_scale * (cond_eps - uncond_eps)
         eps = torch.cat([half_eps, half_eps], dim=0)
         return torch.cat([eps, rest], dim=1)
+
+
+def guided_prompts(prompts: Sequence[Optional[str]]) -> List[Optional[str]]:
+    """The prompts of a [cond; uncond] batch: ``prompts``, then one empty prompt (None) per prompt."""
+    return list(prompts) + [None] * len(prompts)
+
+
+def both_halves(x: torch.Tensor) -> torch.Tensor:
+    """[N x ...] -> [2N x ...]: the same rows for the cond half and the uncond half (start noise,
+    ``low_res``, ``inpaint_image`` / ``inpaint_mask``)."""
+    return torch.cat([x, x], dim=0)
+
+
+def cond_half(x: torch.Tensor) -> torch.Tensor:
+    """[2N x ...] -> [N x ...]: the rows of the cond half, the samples a guided loop is run for."""
+    if len(x) % 2:
+        raise ValueError(
+            f"classifier-free guidance needs an even batch (prompt rows, then unconditional rows), got {len(x)}"
+        )
+    return x[: len(x) // 2]
 
 
 def inpaint_denoised_fn(inpaint_image: torch.Tensor, inpaint_mask: torch.Tensor) -> DenoisedFn:
