@@ -54,8 +54,7 @@ def add_generate_command(subparsers: Any) -> None:
     parser = subparsers.add_parser("generate", help="text to image with classifier-free guidance")
     parser.add_argument("prompts", nargs="*", help="prompts (or use --prompts-file)")
     parser.add_argument("--prompts-file", help="UTF-8 file with one prompt per line (blank lines are skipped)")
-    _add_model_arguments(parser, base="base", upsampler="upsample")
-    _add_sampling_arguments(parser, guidance_scale=3.0, upsample_sampler="ddim")
+    _add_pipeline_arguments(parser, "Text2ImPipeline")
     _add_output_arguments(parser)
     parser.set_defaults(func=run_generate)
 
@@ -67,8 +66,7 @@ def add_inpaint_command(subparsers: Any) -> None:
     region = parser.add_mutually_exclusive_group(required=True)
     region.add_argument("--mask", help="image marking the region to regenerate in white (image size or aspect ratio)")
     region.add_argument("--box", help="pixel box x0,y0,x1,y1 of the source image to regenerate (x1, y1 exclusive)")
-    _add_model_arguments(parser, base="base-inpaint", upsampler="upsample-inpaint")
-    _add_sampling_arguments(parser, guidance_scale=5.0, upsample_sampler="ancestral")
+    _add_pipeline_arguments(parser, "InpaintPipeline")
     _add_output_arguments(parser)
     parser.set_defaults(func=run_inpaint)
 
@@ -81,8 +79,7 @@ def add_clip_guided_command(subparsers: Any) -> None:
     parser.add_argument(
         "--clip-config", help="CLIP YAML config (default: sidecar <image checkpoint>.yaml, else the official one)"
     )
-    _add_model_arguments(parser, base="base", upsampler="upsample")
-    _add_sampling_arguments(parser, guidance_scale=3.0, upsample_sampler="ddim")
+    _add_pipeline_arguments(parser, "CLIPGuidedPipeline")
     _add_output_arguments(parser)
     parser.set_defaults(
         func=run_clip_guided,
@@ -186,6 +183,15 @@ def _one_line(exc: BaseException) -> str:
 # ---------------------------------------------------------------------- shared arguments
 
 
+def _add_pipeline_arguments(parser: argparse.ArgumentParser, pipeline: str) -> None:
+    """The model and sampling arguments of a command that runs ``pipelines.<pipeline>``, with its defaults."""
+    from . import pipelines
+
+    pipeline_class = getattr(pipelines, pipeline)
+    _add_model_arguments(parser, *pipeline_class.CHECKPOINTS)
+    _add_sampling_arguments(parser, pipeline_class.DEFAULTS)
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser, base: str, upsampler: str) -> None:
     group = parser.add_argument_group("models")
     group.add_argument("--demo", action="store_true", help="default to the small demo models shipped in the package")
@@ -200,11 +206,12 @@ def _add_model_arguments(parser: argparse.ArgumentParser, base: str, upsampler: 
     parser.set_defaults(default_checkpoints=dict(base_checkpoint=base, upsample_checkpoint=upsampler))
 
 
-def _add_sampling_arguments(parser: argparse.ArgumentParser, guidance_scale: float, upsample_sampler: str) -> None:
-    from .pipelines.sampling import SAMPLERS
-    from .samplers import SPACINGS
+def _add_sampling_arguments(parser: argparse.ArgumentParser, defaults: Dict[str, Any]) -> None:
+    from .samplers import SAMPLERS, SPACINGS
 
     samplers = ", ".join(SAMPLERS)
+    guidance_scale, steps, sampler = defaults["guidance_scale"], defaults["steps"], defaults["sampler"]
+    upsample_steps, upsample_sampler = defaults["upsample_steps"], defaults["upsample_sampler"]
     group = parser.add_argument_group("sampling")
     group.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt (default 1)")
     group.add_argument("--seed", type=int, help="seed of the first prompt; prompt i uses seed + i (default: random)")
@@ -212,15 +219,18 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, guidance_scale: flo
         "--guidance-scale", type=float, default=guidance_scale, help=f"a finite number >= 0 (default {guidance_scale})"
     )
     group.add_argument(
-        "--steps", default="100", help="base steps: a count (25, 100) or a respacing: ddim25, fast27, ... (default 100)"
+        "--steps", default=steps, help=f"base steps: a count (25, 100) or a respacing: ddim25, fast27, ... (default {steps})"
     )
-    group.add_argument("--sampler", default="ancestral", help=f"base sampler: {samplers} (default ancestral)")
+    group.add_argument("--sampler", default=sampler, help=f"base sampler: {samplers} (default {sampler})")
     group.add_argument(
         "--spacing",
         choices=SPACINGS,
         help="grid of a step count (default: the sampler's own: time for ancestral and ddim, else quadratic)",
     )
-    group.add_argument("--upsample-steps", default="fast27", help="upsampler steps: a count or a respacing (default fast27)")
+    group.add_argument(
+        "--upsample-steps", default=upsample_steps,
+        help=f"upsampler steps: a count or a respacing (default {upsample_steps})",
+    )
     group.add_argument(
         "--upsample-sampler", default=upsample_sampler, help=f"upsampler sampler: {samplers} (default {upsample_sampler})"
     )
@@ -454,7 +464,7 @@ def _write_grid(args: argparse.Namespace, written: list, prompts: List[str], nam
 
 
 def _check_samplers(args: argparse.Namespace, upsampler: Optional[str]) -> None:
-    from .pipelines.sampling import get_sampler
+    from .samplers import get_sampler
 
     get_sampler(args.sampler)
     if upsampler is not None:

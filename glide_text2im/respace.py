@@ -100,6 +100,7 @@ class SpacedDiffusion(GaussianDiffusion):
         self.use_timesteps = set(use_timesteps)
         original = GaussianDiffusion(**kwargs)
         self.original_num_steps = original.num_timesteps
+        self.original_betas = original.betas  # the full chain's, so a sampler can respace it again
         if not self.use_timesteps <= set(range(self.original_num_steps)):
             raise ValueError(f"use_timesteps must lie in 0 .. {self.original_num_steps - 1}")
         self.timestep_map = sorted(self.use_timesteps)

@@ -1,37 +1,47 @@
-"""Few-step samplers for GLIDE's eps-prediction models, written as plain functions.
+"""Every sampler of the package, as plain functions with one signature, and their registry.
 
 Every sampler has the same signature and returns a sample [shape] in [-1, 1] (with
 ``clip_denoised``)::
 
     sample_<name>(model, diffusion, shape, steps=None, timesteps=None, noise=None,
                   model_kwargs=None, denoised_fn=None, clip_denoised=True, device=None,
-                  progress=False, callback=None, generator=None, cond_fn=None)
+                  progress=False, callback=None, generator=None, cond_fn=None, spacing=None)
+
+``SAMPLERS`` holds them by name: "ancestral" and "ddim" (the notebooks' loops, run by the
+original ``p_sample_loop`` / ``ddim_sample_loop`` code on exactly the timesteps asked, so they
+give the notebooks' numbers), "plms", "dpmpp_2m" (few-step solvers); :func:`register_sampler`
+adds more.
 
 - ``model(x_t, t, **model_kwargs)`` returns [N x 2C x H x W]: eps (or v, for a diffusion with
-  ``prediction="v"``) in the first C channels (the variance values in the other C are not
-  used). ``t`` [N] int64 holds ORIGINAL timesteps (0 .. 999), so a GLIDE U-Net, a
+  ``prediction="v"``) in the first C channels (the variance values in the other C are used by
+  "ancestral" only). ``t`` [N] int64 holds ORIGINAL timesteps (0 .. 999), so a GLIDE U-Net, a
   classifier-free-guidance ``model_fn``, an inpainting or an upsampler model (``low_res`` in
-  ``model_kwargs``) all plug in unchanged.
+  ``model_kwargs``) all plug in unchanged. :class:`glide_text2im.denoiser.Denoiser` reads it.
 - ``diffusion`` supplies the schedule only: its ``alphas_cumprod`` at its timesteps (the
-  original ones in ``timestep_map`` for a respaced diffusion) and its ``prediction``. Its
-  sampling loops are not used.
+  original ones in ``timestep_map`` for a respaced diffusion) and its ``prediction``.
 - The model is evaluated at ``timesteps`` (original timesteps, strictly decreasing) or else at
-  ``get_timesteps(diffusion, steps)`` (a step count on the default quadratic grid, or one of the
-  original's respacing strings; ``None``: every timestep of the diffusion): one network
-  evaluation per timestep.
+  ``get_timesteps(diffusion, steps, spacing)``: one network evaluation per timestep. A step
+  count goes on ``spacing``, default the sampler's own (``SPACINGS_OF``: "time", the
+  notebooks' respacing, for "ancestral" and "ddim", so ``steps="100"`` is the notebooks' grid;
+  "quadratic" for the few-step solvers); a respacing string ("ddim25", "fast27") keeps the
+  original's timesteps; ``None``: every timestep of the diffusion.
 - ``cond_fn(x_t, t, **model_kwargs)`` [N x C x H x W] (optional) is classifier guidance, e.g. the
-  noised CLIP's ``clip_model.cond_fn``: the gradient of log p(y | x_t) times a scale. It shifts
-  the model's eps to ``eps - sigma_t cond_fn(x_t, t)`` (Dhariwal & Nichol 2021, algorithm 2; the
-  original's ``condition_score``) before the x_0 below is formed, so the guided x_0 is the one
-  clamped. (The original DDIM loop clamps first; near t = 999, where alphas_cumprod is ~1e-8, its
-  unclamped guided x_0 is the gradient times ~1e4, and the sample turns to noise.)
+  noised CLIP's ``clip_model.cond_fn``: the gradient of log p(y | x_t) times a scale. "ancestral"
+  shifts the step's mean by variance times it (the original's ``condition_mean``, the CLIP
+  notebook); every other sampler shifts the model's eps to ``eps - sigma_t cond_fn(x_t, t)``
+  (Dhariwal & Nichol 2021, algorithm 2) before the x_0 below is formed, so the guided x_0 is
+  the one clamped. (The original DDIM loop clamps first; near t = 999, where alphas_cumprod is
+  ~1e-8, its unclamped guided x_0 is the gradient times ~1e4, and the sample turns to noise.)
 - At every evaluation the predicted x_0 goes through ``denoised_fn`` (e.g. pasting in the known
   part of an image for inpainting) and then the clamp to [-1, 1] (``clip_denoised``), as in
-  ``GaussianDiffusion.p_mean_variance``. The result is that x_0 prediction at the last timestep.
-- ``noise`` is x_T [shape] (default: a normal draw from ``generator`` or the global RNG; the
-  samplers draw nothing else). ``generator`` is a torch.Generator, or a noise source such as
-  glide_text2im.noise.GroupedNoise. ``callback({"i", "t", "x", "pred_xstart"})`` runs after every
-  evaluation.
+  ``GaussianDiffusion.p_mean_variance``. The few-step solvers return that x_0 prediction at the
+  last timestep, the notebooks' loops their last sample.
+- ``noise`` is x_T [shape] (default: a normal draw from ``generator`` or the global RNG).
+  ``generator`` is a torch.Generator, or a noise source such as
+  glide_text2im.noise.GroupedNoise. The few-step solvers draw nothing else; the notebooks'
+  loops draw one noise tensor per step, as the original does (DDIM too, which multiplies it by
+  eta = 0). ``callback({"i", "t", "x", "pred_xstart"})`` runs after every evaluation: step i
+  of ``len(timesteps)``, its timestep, the x_t the model saw and its x_0 prediction.
 
 Notation: ``alpha_t = sqrt(alphas_cumprod_t)``, ``sigma_t = sqrt(1 - alphas_cumprod_t)``, so
 ``x_t = alpha_t x_0 + sigma_t eps``, and the log signal-to-noise ratio
@@ -41,23 +51,21 @@ Notation: ``alpha_t = sqrt(alphas_cumprod_t)``, ``sigma_t = sqrt(1 - alphas_cump
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .gaussian_diffusion import GaussianDiffusion, eps_from_prediction, split_model_output
+from .denoiser import CondFn, DenoisedFn, Denoiser, Model, classifier_guided, xstart_from_eps
+from .gaussian_diffusion import GaussianDiffusion
 from .noise import NoiseGenerator, randn
-from .respace import space_timesteps
+from .respace import SpacedDiffusion, space_timesteps
 
-# model(x_t [N x C x ...], t [N] int64 original timesteps, **model_kwargs) -> [N x 2C x ...]
-Model = Callable[..., torch.Tensor]
-DenoisedFn = Callable[[torch.Tensor], torch.Tensor]
-# cond_fn(x_t, t [N] int64 original timesteps, **model_kwargs) -> grad_x log p(y | x_t), scaled
-CondFn = Callable[..., torch.Tensor]
+# callback({"i": step index, "t": original timestep, "x": x_t [N x C x ...], "pred_xstart": x_0 [N x C x ...]})
 Callback = Callable[[Dict[str, Any]], None]
+SamplerFn = Callable[..., torch.Tensor]
 
 # Adams-Bashforth weights of orders 1..4 for eps_i, eps_{i-1}, ... (newest first).
 ADAMS_BASHFORTH = (
@@ -67,6 +75,8 @@ ADAMS_BASHFORTH = (
     (55 / 24, -59 / 24, 37 / 24, -9 / 24),
 )
 SPACINGS = ("quadratic", "time", "logsnr")
+NOTEBOOK_SPACING = "time"  # the notebooks' loops: a step count is the original respacing
+FAST_SPACING = "quadratic"  # the few-step solvers' grid
 
 
 Steps = Union[int, str]
@@ -136,6 +146,35 @@ def get_timesteps(
 
 
 @torch.no_grad()
+def sample_ancestral(
+    model: Model,
+    diffusion: GaussianDiffusion,
+    shape: Sequence[int],
+    steps: Optional[Steps] = None,
+    timesteps: Optional[Sequence[int]] = None,
+    noise: Optional[torch.Tensor] = None,
+    model_kwargs: Optional[Dict[str, Any]] = None,
+    denoised_fn: Optional[DenoisedFn] = None,
+    clip_denoised: bool = True,
+    device: Optional[Union[torch.device, str]] = None,
+    progress: bool = False,
+    callback: Optional[Callback] = None,
+    generator: Optional[NoiseGenerator] = None,
+    cond_fn: Optional[CondFn] = None,
+    spacing: Optional[str] = None,
+) -> torch.Tensor:
+    """Ancestral sampling (Ho et al. 2020), the notebooks' base sampler: ``p_sample_loop`` of the
+    diffusion respaced to the timesteps, with the original's ``cond_fn`` (a shifted mean)."""
+    timesteps = _timesteps(diffusion, steps, timesteps, spacing, NOTEBOOK_SPACING)
+    noise = _start_image(model, shape, noise, device, generator)
+    loop = _keeping(diffusion, timesteps).p_sample_loop_progressive(
+        model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
+        model_kwargs=model_kwargs, device=device, progress=progress, generator=generator,
+    )
+    return _run_original_loop(loop, timesteps, noise, callback)
+
+
+@torch.no_grad()
 def sample_ddim(
     model: Model,
     diffusion: GaussianDiffusion,
@@ -151,18 +190,20 @@ def sample_ddim(
     callback: Optional[Callback] = None,
     generator: Optional[NoiseGenerator] = None,
     cond_fn: Optional[CondFn] = None,
+    spacing: Optional[str] = None,
 ) -> torch.Tensor:
-    """Deterministic DDIM (Song et al. 2020, eq. 12 with eta = 0): the first-order baseline."""
-    x, timesteps, alphas_cumprod = _start(model, diffusion, shape, steps, timesteps, noise, device, generator)
-    last = len(timesteps) - 1
-    for i in _iterate(timesteps, progress):
-        _, pred_xstart = _predict(
-            model, diffusion, x, timesteps[i], alphas_cumprod[i], model_kwargs, denoised_fn, clip_denoised, cond_fn
-        )
-        _report(callback, i, timesteps[i], x, pred_xstart)
-        if i < last:
-            x = _ddim_step(x, pred_xstart, alphas_cumprod[i], alphas_cumprod[i + 1])
-    return pred_xstart
+    """Deterministic DDIM (Song et al. 2020, eq. 12 with eta = 0), the text2im notebook's
+    upsampler: ``ddim_sample_loop`` of the diffusion respaced to the timesteps. A ``cond_fn`` is
+    folded into the model's eps first (``denoiser.classifier_guided``), so the guided x_0 is clamped."""
+    timesteps = _timesteps(diffusion, steps, timesteps, spacing, NOTEBOOK_SPACING)
+    if cond_fn is not None:
+        model = classifier_guided(model, cond_fn, _full_alphas_cumprod(diffusion), diffusion.prediction)
+    noise = _start_image(model, shape, noise, device, generator)
+    loop = _keeping(diffusion, timesteps).ddim_sample_loop_progressive(
+        model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+        model_kwargs=model_kwargs, device=device, progress=progress, eta=0.0, generator=generator,
+    )
+    return _run_original_loop(loop, timesteps, noise, callback)
 
 
 @torch.no_grad()
@@ -181,6 +222,7 @@ def sample_plms(
     callback: Optional[Callback] = None,
     generator: Optional[NoiseGenerator] = None,
     cond_fn: Optional[CondFn] = None,
+    spacing: Optional[str] = None,
 ) -> torch.Tensor:
     """PLMS, pseudo linear multistep (Liu et al. 2022, "PNDM"): 4th-order Adams-Bashforth on eps.
 
@@ -191,21 +233,20 @@ def sample_plms(
     network evaluation; the paper's Runge-Kutta warm-up (and the pseudo improved Euler first
     step of the latent-diffusion code) would spend extra evaluations instead.
     """
-    x, timesteps, alphas_cumprod = _start(model, diffusion, shape, steps, timesteps, noise, device, generator)
+    timesteps = _timesteps(diffusion, steps, timesteps, spacing, FAST_SPACING)
+    alphas_cumprod = _alphas_cumprod_at(diffusion, timesteps)
+    x = _start_image(model, shape, noise, device, generator)
+    denoiser = Denoiser(model, diffusion.prediction, model_kwargs, cond_fn, denoised_fn, clip_denoised)
     last = len(timesteps) - 1
     eps_history: List[torch.Tensor] = []
     for i in _iterate(timesteps, progress):
-        eps, pred_xstart = _predict(
-            model, diffusion, x, timesteps[i], alphas_cumprod[i], model_kwargs, denoised_fn, clip_denoised, cond_fn
-        )
+        eps, pred_xstart = denoiser(x, timesteps[i], alphas_cumprod[i])
         _report(callback, i, timesteps[i], x, pred_xstart)
         if i < last:
             eps_history = (eps_history + [eps])[-len(ADAMS_BASHFORTH) :]
             weights = ADAMS_BASHFORTH[len(eps_history) - 1]
             eps_prime = sum(w * e for w, e in zip(weights, reversed(eps_history)))
-            xstart_prime = _process_xstart(
-                _xstart_from_eps(x, eps_prime, alphas_cumprod[i]), denoised_fn, clip_denoised
-            )
+            xstart_prime = denoiser.process_xstart(xstart_from_eps(x, eps_prime, alphas_cumprod[i]))
             x = _ddim_step(x, xstart_prime, alphas_cumprod[i], alphas_cumprod[i + 1])
     return pred_xstart
 
@@ -226,6 +267,7 @@ def sample_dpmpp_2m(
     callback: Optional[Callback] = None,
     generator: Optional[NoiseGenerator] = None,
     cond_fn: Optional[CondFn] = None,
+    spacing: Optional[str] = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, algorithm 2): second-order multistep on the x_0 prediction in log-SNR time.
 
@@ -234,16 +276,17 @@ def sample_dpmpp_2m(
     ``D' = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}`` (``D' = D_0`` at the first step, which makes it a
     DDIM step).
     """
-    x, timesteps, alphas_cumprod = _start(model, diffusion, shape, steps, timesteps, noise, device, generator)
+    timesteps = _timesteps(diffusion, steps, timesteps, spacing, FAST_SPACING)
+    alphas_cumprod = _alphas_cumprod_at(diffusion, timesteps)
+    x = _start_image(model, shape, noise, device, generator)
+    denoiser = Denoiser(model, diffusion.prediction, model_kwargs, cond_fn, denoised_fn, clip_denoised)
     alphas = np.sqrt(alphas_cumprod)
     sigmas = np.sqrt(1.0 - alphas_cumprod)
     lambdas = np.log(alphas) - np.log(sigmas)
     last = len(timesteps) - 1
     previous_xstart = None
     for i in _iterate(timesteps, progress):
-        _, pred_xstart = _predict(
-            model, diffusion, x, timesteps[i], alphas_cumprod[i], model_kwargs, denoised_fn, clip_denoised, cond_fn
-        )
+        _, pred_xstart = denoiser(x, timesteps[i], alphas_cumprod[i])
         _report(callback, i, timesteps[i], x, pred_xstart)
         if i < last:
             h = float(lambdas[i + 1] - lambdas[i])
@@ -257,11 +300,40 @@ def sample_dpmpp_2m(
     return pred_xstart
 
 
-SAMPLERS: Dict[str, Callable[..., torch.Tensor]] = {
-    "ddim": sample_ddim,
-    "plms": sample_plms,
-    "dpmpp_2m": sample_dpmpp_2m,
-}
+SAMPLERS: Dict[str, SamplerFn] = {}
+# name -> the spacing a step count of that sampler goes on when a call names none
+SPACINGS_OF: Dict[str, str] = {}
+
+
+def register_sampler(name: str, sample_fn: SamplerFn, spacing: str = FAST_SPACING) -> None:
+    """Make ``sample_fn`` (the signature of the module docstring) available as sampler ``name``
+    (to the pipelines and the command too); ``spacing``: where its step counts go by default,
+    as ``sample_fn`` itself places them."""
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}: expected one of {SPACINGS}")
+    SAMPLERS[name] = sample_fn
+    SPACINGS_OF[name] = spacing
+
+
+def get_sampler(name: str) -> SamplerFn:
+    """The sampler registered as ``name``; an unknown name is a ValueError listing the known ones."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}: expected one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+def sampler_spacing(name: str, steps: Optional[Steps], spacing: Optional[str] = None) -> Optional[str]:
+    """The spacing sampler ``name`` places ``steps`` on: ``spacing`` if given, else the
+    sampler's own for a step count (None for a respacing string such as "ddim25")."""
+    if spacing is None and is_step_count(steps):
+        return SPACINGS_OF[name]
+    return spacing
+
+
+register_sampler("ancestral", sample_ancestral, NOTEBOOK_SPACING)
+register_sampler("ddim", sample_ddim, NOTEBOOK_SPACING)
+register_sampler("plms", sample_plms)
+register_sampler("dpmpp_2m", sample_dpmpp_2m)
 
 
 # ---------------------------------------------------------------------- shared steps
@@ -277,27 +349,21 @@ def _respaced(available: List[int], respacing: str) -> List[int]:
     return [available[i] for i in sorted(space_timesteps(len(available), respacing), reverse=True)]
 
 
-def _start(
-    model: Model,
+def _timesteps(
     diffusion: GaussianDiffusion,
-    shape: Sequence[int],
     steps: Optional[Steps],
     timesteps: Optional[Sequence[int]],
-    noise: Optional[torch.Tensor],
-    device: Optional[Union[torch.device, str]],
-    generator: Optional[NoiseGenerator],
-) -> Tuple[torch.Tensor, List[int], np.ndarray]:
-    """x_T, the timesteps to evaluate and their float64 alphas_cumprod."""
-    if steps is not None and timesteps is not None:
-        raise ValueError("pass either steps or timesteps, not both")
-    available = _available_timesteps(diffusion)
+    spacing: Optional[str],
+    default_spacing: str,
+) -> List[int]:
+    """The timesteps a sampler call evaluates: ``timesteps`` checked, or those of ``steps``."""
     if timesteps is None:
-        timesteps = get_timesteps(diffusion, steps)
-    else:
-        timesteps = _check_timesteps(timesteps, available)
-    index = {t: i for i, t in enumerate(available)}
-    alphas_cumprod = np.array([diffusion.alphas_cumprod[index[t]] for t in timesteps], dtype=np.float64)
-    return _start_image(model, shape, noise, device, generator), timesteps, alphas_cumprod
+        if spacing is None and is_step_count(steps):
+            spacing = default_spacing
+        return get_timesteps(diffusion, steps, spacing)
+    if steps is not None or spacing is not None:
+        raise ValueError("pass either steps or timesteps, not both (spacing places steps)")
+    return _check_timesteps(timesteps, _available_timesteps(diffusion))
 
 
 def _check_timesteps(timesteps: Sequence[int], available: List[int]) -> List[int]:
@@ -313,6 +379,43 @@ def _check_timesteps(timesteps: Sequence[int], available: List[int]) -> List[int
             f"({len(available)} steps from {available[0]} to {available[-1]})"
         )
     return timesteps
+
+
+def _alphas_cumprod_at(diffusion: GaussianDiffusion, timesteps: List[int]) -> np.ndarray:
+    """The diffusion's float64 alphas_cumprod at the original ``timesteps``."""
+    index = {t: i for i, t in enumerate(_available_timesteps(diffusion))}
+    return np.array([diffusion.alphas_cumprod[index[t]] for t in timesteps], dtype=np.float64)
+
+
+def _full_alphas_cumprod(diffusion: GaussianDiffusion) -> np.ndarray:
+    """alphas_cumprod of the full chain the diffusion was respaced from (indexed by original t)."""
+    return np.cumprod(1.0 - getattr(diffusion, "original_betas", diffusion.betas))
+
+
+def _keeping(diffusion: GaussianDiffusion, timesteps: List[int]) -> GaussianDiffusion:
+    """The diffusion whose steps are exactly ``timesteps``: ``diffusion`` itself when it has no
+    others (so the original loops on a notebook's respaced diffusion are the notebook's), else
+    its full chain respaced to them, as ``create_gaussian_diffusion(timestep_respacing=...)`` does."""
+    if sorted(timesteps) == _available_timesteps(diffusion):
+        return diffusion
+    betas = getattr(diffusion, "original_betas", diffusion.betas)
+    return SpacedDiffusion(use_timesteps=timesteps, betas=betas, prediction=diffusion.prediction)
+
+
+def _run_original_loop(
+    loop: Iterator[Dict[str, torch.Tensor]],
+    timesteps: List[int],
+    noise: torch.Tensor,
+    callback: Optional[Callback],
+) -> torch.Tensor:
+    """Run an original ``*_progressive`` loop started at x_T = ``noise``, reporting each step; its last sample."""
+    x = noise
+    out = None
+    for i, out in enumerate(loop):
+        if callback is not None:
+            callback({"i": i, "t": timesteps[i], "x": x, "pred_xstart": out["pred_xstart"]})
+        x = out["sample"]
+    return out["sample"]
 
 
 def _start_image(
@@ -337,42 +440,6 @@ def _start_image(
 def _iterate(timesteps: List[int], progress: bool):
     indices = range(len(timesteps))
     return tqdm(indices) if progress else indices
-
-
-def _predict(
-    model: Model,
-    diffusion: GaussianDiffusion,
-    x: torch.Tensor,
-    t: int,
-    alpha_cumprod: float,
-    model_kwargs: Optional[Dict[str, Any]],
-    denoised_fn: Optional[DenoisedFn],
-    clip_denoised: bool,
-    cond_fn: Optional[CondFn] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The model's eps at (x, t), shifted by ``cond_fn``'s guidance, and the x_0 it implies after
-    ``denoised_fn`` and the clamp."""
-    t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-    model_kwargs = model_kwargs or {}
-    mean_output, _ = split_model_output(model(x, t_batch, **model_kwargs), x)
-    eps = eps_from_prediction(diffusion.prediction, mean_output, x, alpha_cumprod)
-    if cond_fn is not None:
-        eps = eps - math.sqrt(1.0 - alpha_cumprod) * cond_fn(x, t_batch, **model_kwargs)
-    pred_xstart = _process_xstart(_xstart_from_eps(x, eps, alpha_cumprod), denoised_fn, clip_denoised)
-    return eps, pred_xstart
-
-
-def _xstart_from_eps(x: torch.Tensor, eps: torch.Tensor, alpha_cumprod: float) -> torch.Tensor:
-    """x_0 = sqrt(1 / alphas_cumprod) x_t - sqrt(1 / alphas_cumprod - 1) eps."""
-    return math.sqrt(1.0 / alpha_cumprod) * x - math.sqrt(1.0 / alpha_cumprod - 1.0) * eps
-
-
-def _process_xstart(pred_xstart: torch.Tensor, denoised_fn: Optional[DenoisedFn], clip_denoised: bool) -> torch.Tensor:
-    if denoised_fn is not None:
-        pred_xstart = denoised_fn(pred_xstart)
-    if clip_denoised:
-        pred_xstart = pred_xstart.clamp(-1, 1)
-    return pred_xstart
 
 
 def _ddim_step(x: torch.Tensor, pred_xstart: torch.Tensor, alpha_cumprod: float, alpha_cumprod_next: float) -> torch.Tensor:

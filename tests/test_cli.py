@@ -372,7 +372,7 @@ def test_a_second_run_numbers_on_and_overwrite_replaces(tiny, tmp_path, capsys):
 
 def test_help_lists_the_registered_samplers_and_the_overwrite_option():
     from glide_text2im.cli import build_parser
-    from glide_text2im.pipelines.sampling import SAMPLERS
+    from glide_text2im.samplers import SAMPLERS
 
     subparsers = next(action for action in build_parser()._actions if action.dest == "command")
     help_text = " ".join(subparsers.choices["generate"].format_help().split())

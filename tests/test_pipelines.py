@@ -45,7 +45,7 @@ from glide_text2im.pipelines import (
 )
 from glide_text2im.pipelines.images import box_mask, keep_masks, load_image, load_mask, quantize
 from glide_text2im.pipelines.loading import pick_device, pick_dtype
-from glide_text2im.pipelines.sampling import SAMPLERS, register_sampler
+from glide_text2im.samplers import SAMPLERS, SPACINGS_OF, get_timesteps, register_sampler
 
 CPU = torch.device("cpu")
 STEPS = "ddim5"  # base: timesteps 0, 200, ..., 800
@@ -387,18 +387,36 @@ def test_generator_argument_equals_seed_and_the_global_rng_is_untouched(text2im)
 
 def test_callback_sees_every_step_of_both_stages(text2im):
     calls = []
-
-    def callback(step, total, sample, pred_xstart):
-        calls.append((step, total, tuple(sample.shape), tuple(pred_xstart.shape), sample.clone()))
-
     out = text2im(
-        ["a", "b"], steps=STEPS, upsample_steps=UPSAMPLE_STEPS, seed=0, callback=callback, return_tensors=True
+        ["a", "b"], steps=STEPS, upsample_steps=UPSAMPLE_STEPS, seed=0, callback=calls.append, return_tensors=True
     )
-    assert [c[0] for c in calls] == list(range(7)) and {c[1] for c in calls} == {7}
-    assert [c[2] for c in calls] == [(2, 3, 64, 64)] * 5 + [(2, 3, 256, 256)] * 2
-    assert calls[4][3] == (2, 3, 64, 64)
-    assert torch.equal(calls[4][4], out.samples_64)
-    assert torch.equal(calls[6][4], out.samples_256)
+    assert [c["step"] for c in calls] == list(range(7)) and {c["total_steps"] for c in calls} == {7}
+    assert [c["stage"] for c in calls] == ["base"] * 5 + ["upsample"] * 2
+    assert [c["i"] for c in calls] == [0, 1, 2, 3, 4, 0, 1]
+    assert [c["t"] for c in calls[:5]] == get_timesteps(text2im.base.diffusion, STEPS)
+    assert [tuple(c["x"].shape) for c in calls] == [(2, 3, 64, 64)] * 5 + [(2, 3, 256, 256)] * 2
+    assert tuple(calls[4]["pred_xstart"].shape) == (2, 3, 64, 64)  # the images' rows only, not the uncond half
+    # the ancestral loop's last step adds no noise: its sample is the posterior mean at t = 0, x_0
+    assert torch.allclose(calls[4]["pred_xstart"], out.samples_64, atol=1e-6)
+    assert torch.equal(calls[6]["pred_xstart"], out.samples_256)  # DDIM's last step lands on x_0 exactly
+
+
+def test_a_registered_sampler_runs_in_the_pipelines_on_its_own_spacing(text2im):
+    seen = {}
+
+    def sample_recording(model, diffusion, shape, timesteps=None, **kwargs):
+        seen["timesteps"], seen["shape"] = timesteps, shape
+        return torch.zeros(shape)
+
+    register_sampler("recording", sample_recording, spacing="logsnr")
+    try:
+        out = text2im("a", sampler="recording", steps=5, upsample=False, seed=0, return_tensors=True)
+    finally:
+        del SAMPLERS["recording"], SPACINGS_OF["recording"]
+    assert seen["timesteps"] == get_timesteps(text2im.base.diffusion, 5, "logsnr")
+    assert seen["shape"] == (2, 3, 64, 64)  # [cond; uncond]
+    assert out.settings["sampler"] == "recording" and out.settings["spacing"] == "logsnr"
+    assert out.samples_64.abs().max() == 0
 
 
 @pytest.mark.parametrize("name", ["plms", "dpmpp_2m"])
@@ -413,15 +431,10 @@ def test_fast_samplers_plug_in_by_name(tiny, text2im, name):
     assert torch.equal(out.samples_64, expected)
 
 
-def test_unknown_sampler_and_guided_sampler_errors(text2im, clip_guided):
-    with pytest.raises(ValueError, match="unknown sampler 'euler'.*ancestral"):
-        text2im("a", sampler="euler", steps=STEPS, upsample=False)
-    register_sampler("no-cond-fn", lambda *args, **kwargs: None)
-    try:
-        with pytest.raises(ValueError, match="sampler 'no-cond-fn' takes no cond_fn"):
-            clip_guided("a", sampler="no-cond-fn", steps=STEPS)
-    finally:
-        del SAMPLERS["no-cond-fn"]
+def test_unknown_sampler_is_an_error_listing_the_registered_ones(text2im, clip_guided):
+    for pipe in (text2im, clip_guided):
+        with pytest.raises(ValueError, match="unknown sampler 'euler'.*ancestral, ddim, plms, dpmpp_2m"):
+            pipe("a", sampler="euler", steps=STEPS, upsample=False)
 
 
 @pytest.mark.parametrize("name", ["plms", "dpmpp_2m", "ddim"])

@@ -12,12 +12,13 @@
   ``.json`` options sidecar);
 - :func:`load_model`, :func:`register_checkpoint_options`, :func:`save_options`: checkpoints
   and their options;
-- :func:`register_sampler` and ``SAMPLERS``: samplers by name;
+- :func:`register_sampler` and ``SAMPLERS``: samplers by name (those of ``glide_text2im.samplers``);
 - :class:`PipelineOutput` (``save``: PNG files with the command's metadata); the argument
   checks the command shares are in ``validation``; errors :class:`PromptTooLongError`, :class:`NonFiniteOutputError`.
 """
 
-from .base import NonFiniteOutputError, PipelineOutput
+from ..samplers import SAMPLERS, register_sampler
+from .base import DiffusionPipeline, NonFiniteOutputError, PipelineOutput
 from .clip_guided import CLIPGuidedPipeline
 from .inpaint import InpaintPipeline
 from .loading import (
@@ -30,12 +31,12 @@ from .loading import (
     register_checkpoint_options,
     save_options,
 )
-from .sampling import SAMPLERS, register_sampler
 from .text2im import Text2ImPipeline
 
 __all__ = [
     "CHECKPOINT_OPTIONS",
     "CLIPGuidedPipeline",
+    "DiffusionPipeline",
     "InpaintPipeline",
     "LoadedModel",
     "NonFiniteOutputError",

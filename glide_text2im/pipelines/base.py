@@ -1,4 +1,11 @@
-"""What every pipeline shares: seeds and generators, step reports, the sampling stages, outputs.
+"""What every pipeline shares: loading, the call skeleton, seeds, step reports, the sampling stages, outputs.
+
+:class:`DiffusionPipeline` holds a base U-Net (64×64) and an optional upsampler (64→256) and
+runs every call the same way: check the arguments, pick each stage's timesteps
+(``samplers.get_timesteps``), sample the base stage, then the upsampling stage, and return a
+:class:`PipelineOutput`. A pipeline class only says how its stages are conditioned
+(``_prepare``, ``_base_inputs``, ``_upsample_inputs``: text, inpainting, CLIP guidance) and its
+defaults (``DEFAULTS``).
 
 A pipeline call samples all its prompts in one batched loop per stage, yet prompt i's images
 depend only on its own ``torch.Generator`` (seeded with ``seed + i``, or one the caller
@@ -18,18 +25,21 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..demo import demo_equivalent
 from ..cuda_graphs import CUDAGraphStep
-from ..guidance import ClassifierFreeGuidance, DenoisedFn, inpaint_denoised_fn
+from ..denoiser import CondFn, DenoisedFn
+from ..guidance import ClassifierFreeGuidance, cond_half, guided_prompts
 from ..noise import GroupedNoise
-from ..respace import SpacedDiffusion
+from ..samplers import Steps, get_sampler, get_timesteps, sampler_spacing
 from .images import image_file_name, next_free_index, round_to_uint8_levels, save_png, to_pil_images
-from .loading import LoadedModel, check_model_kind
-from .sampling import Sampler, get_sampler, sampler_spacing
-from .validation import check_seed
+from .loading import LoadedModel, Options, check_model_kind, load_model, pick_device
+from .validation import check_count, check_guidance_scale, check_prompts, check_seed
 
-# callback(step, total_steps, sample, pred_xstart): after each step of every stage, with the
-# current samples of all prompts ([N x 3 x S x S], S = 64 for the base stage, 256 for the upsampler).
-StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+# callback(step) after every network evaluation of every stage, with ``step`` the samplers'
+# dict {"i", "t", "x", "pred_xstart"} (x_t and its x_0 prediction for the call's images only,
+# [N x 3 x S x S], S = 64 in the base stage and 256 in the upsampler's) and three more keys:
+# "stage" ("base" or "upsample"), "step" (counted over both stages, from 0) and "total_steps".
+StepCallback = Callable[[Dict[str, Any]], None]
 Seed = Union[int, Sequence[int]]
 Generators = Union[torch.Generator, Sequence[torch.Generator]]
 
@@ -203,18 +213,33 @@ class PromptBatch:
 
 
 @dataclass
-class Upsampling:
-    """The settings of a call's upsampling stage; x_T is N(0, I) times ``temp``."""
+class Stage:
+    """One sampling stage of a call: its model, sampler and the timesteps the sampler evaluates."""
 
-    diffusion: SpacedDiffusion
+    name: str  # "base" or "upsample"
+    loaded: LoadedModel
+    sampler: str
     steps: str
-    spacing: Optional[str]  # None for a respacing string
-    sampler: Sampler
-    temp: float
+    spacing: Optional[str]  # None for a respacing string such as "fast27"
+    timesteps: List[int]
+
+
+@dataclass
+class StageInputs:
+    """How a stage is conditioned: model kwargs for every row of its batch, and optionally
+    classifier-free guidance (``guidance_scale``: the batch is [cond rows; uncond rows]), a
+    ``denoised_fn`` applied to every x_0, classifier guidance ``cond_fn``, and ``noise_scale``
+    (x_T is drawn before the loop, times that scale; else the sampler draws it)."""
+
+    model_kwargs: Dict[str, torch.Tensor]
+    guidance_scale: Optional[float] = None
+    denoised_fn: Optional[DenoisedFn] = None
+    cond_fn: Optional[CondFn] = None
+    noise_scale: Optional[float] = None
 
 
 class StepReporter:
-    """One ``callback`` call and one progress-bar tick per step, counted over all stages."""
+    """One ``callback`` call and one progress-bar tick per network evaluation, counted over all stages."""
 
     def __init__(self, total_steps: int, callback: Optional[StepCallback], progress: bool):
         self.total_steps = total_steps
@@ -222,9 +247,12 @@ class StepReporter:
         self.step = 0
         self._bar = tqdm(total=total_steps, disable=not progress, unit="step")
 
-    def __call__(self, sample: torch.Tensor, pred_xstart: torch.Tensor) -> None:
+    def __call__(self, stage: str, info: Dict[str, Any], rows: int) -> None:
         if self.callback is not None:
-            self.callback(self.step, self.total_steps, sample, pred_xstart)
+            self.callback(
+                dict(info, x=info["x"][:rows], pred_xstart=info["pred_xstart"][:rows], stage=stage,
+                     step=self.step, total_steps=self.total_steps)
+            )
         self.step += 1
         self._bar.update(1)
 
@@ -235,14 +263,28 @@ class StepReporter:
         self._bar.close()
 
 
+class _Default:
+    def __repr__(self) -> str:
+        return "<the pipeline's default>"
+
+
+DEFAULT = _Default()
+
+
 class DiffusionPipeline:
     """A base U-Net (64×64) and an optional upsampler (64→256) on one device.
 
-    ``cuda_graphs`` (CUDA only; default False): replay each sampling step from a CUDA graph
-    (``glide_text2im.cuda_graphs``), recorded at the start of every sampling loop. Same
-    results; on an H100 a 100-step base + 27-step upsampler image takes about a third of the time.
+    Subclasses set ``CHECKPOINTS`` (the names ``from_pretrained`` loads by default), ``DEFAULTS``
+    (the call's defaults) and the conditioning hooks. ``cuda_graphs`` (CUDA only; default
+    False): replay each sampling step from a CUDA graph (``glide_text2im.cuda_graphs``),
+    recorded at the start of every sampling loop. Same results; on an H100 a 100-step base +
+    27-step upsampler image takes about a third of the time.
     """
 
+    CHECKPOINTS = ("base", "upsample")
+    DEFAULTS: Dict[str, Any] = dict(
+        guidance_scale=3.0, steps="100", sampler="ancestral", upsample_steps="fast27", upsample_sampler="ddim"
+    )
     inpainting = False
     cuda_graphs = False
 
@@ -255,6 +297,44 @@ class DiffusionPipeline:
         self.base = base
         self.upsampler = upsampler
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: Any = DEFAULT,
+        upsampler: Any = DEFAULT,
+        *,
+        base_options: Optional[Options] = None,
+        upsampler_options: Optional[Options] = None,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[Union[str, torch.dtype]] = None,
+        progress: bool = True,
+        demo: bool = False,
+        **components: Any,
+    ) -> "DiffusionPipeline":
+        """Load the base model and (unless ``upsampler`` is None) the upsampler, by default the
+        pipeline's ``CHECKPOINTS``.
+
+        Checkpoints are official names (downloaded on first use), registered names or ``.pt`` /
+        ``.safetensors`` files (options from ``*_options`` or their ``.json`` sidecar).
+        ``device`` defaults to CUDA, then MPS, then CPU; ``dtype`` to float16 on CUDA and
+        float32 elsewhere. ``demo=True`` puts the small demo models shipped in the package
+        (offline, see ``glide_text2im.demo``) in place of official checkpoint names.
+        ``components``: what a pipeline loads besides (the CLIP pipeline's ``clip_*`` names).
+        """
+        base = cls.CHECKPOINTS[0] if base is DEFAULT else base
+        upsampler = cls.CHECKPOINTS[1] if upsampler is DEFAULT else upsampler
+        if demo:
+            base, upsampler = demo_equivalent(base), demo_equivalent(upsampler)
+        device = pick_device(device)
+        loaded_base = load_model(base, base_options, device, dtype, progress)
+        loaded_up = load_model(upsampler, upsampler_options, device, dtype, progress) if upsampler else None
+        return cls(loaded_base, upsampler=loaded_up, **cls._load_components(device, progress, demo, **components))
+
+    @classmethod
+    def _load_components(cls, device: torch.device, progress: bool, demo: bool) -> Dict[str, Any]:
+        """The constructor arguments a pipeline loads besides its U-Nets (none here)."""
+        return {}
+
     @property
     def device(self) -> torch.device:
         return self.base.device
@@ -264,6 +344,107 @@ class DiffusionPipeline:
         for loaded in (self.base, self.upsampler):
             if loaded is not None:
                 loaded.text_kwargs(prompts, truncate=truncate)
+
+    def __call__(
+        self,
+        prompts: Union[str, Sequence[str]],
+        num_images_per_prompt: int = 1,
+        guidance_scale: Optional[float] = None,
+        steps: Optional[Steps] = None,
+        sampler: Optional[str] = None,
+        spacing: Optional[str] = None,
+        upsample: Optional[bool] = None,
+        upsample_steps: Optional[Steps] = None,
+        upsample_sampler: Optional[str] = None,
+        upsample_temp: float = 0.997,
+        seed: Optional[Seed] = None,
+        generator: Optional[Generators] = None,
+        callback: Optional[StepCallback] = None,
+        progress: bool = False,
+        return_tensors: bool = False,
+        truncate_prompts: bool = False,
+        **conditioning: Any,
+    ) -> PipelineOutput:
+        """Generate ``num_images_per_prompt`` images for each prompt.
+
+        Arguments left None take the pipeline's ``DEFAULTS``.
+
+        :param guidance_scale: classifier-free guidance scale (CLIP guidance for the CLIP pipeline).
+        :param steps: the base model's steps: a count (25, or "100") or a respacing string of the
+            original ("ddim25", "fast27"); ``samplers.get_timesteps`` says which timesteps each picks.
+        :param sampler: a name of ``samplers.SAMPLERS`` ("ancestral", "ddim", "plms", "dpmpp_2m", ...).
+        :param spacing: the grid a step count is placed on ("time", "quadratic", "logsnr");
+            default: the sampler's own ("time", the notebooks' respacing, for "ancestral" and
+            "ddim"; "quadratic" for the few-step solvers). ``upsample_steps`` always use the
+            upsample sampler's own.
+        :param upsample: run the upsampler (default: when the pipeline has one).
+        :param upsample_temp: scale of the upsampler's start noise.
+        :param seed: prompt k uses a generator seeded with ``seed + k`` (or ``seed[k]`` for a list).
+        :param generator: instead of ``seed``, one ``torch.Generator`` per prompt.
+        :param callback: ``callback(step)`` after every network evaluation (see ``StepCallback``).
+        :param truncate_prompts: cut prompts longer than the text context, as the original
+            notebooks do silently; by default they raise :class:`PromptTooLongError`.
+        :param conditioning: the pipeline's own inputs (the inpainting pipeline's image and mask).
+        """
+        guidance_scale = self.DEFAULTS["guidance_scale"] if guidance_scale is None else guidance_scale
+        prompts = check_prompts(prompts)
+        check_count(num_images_per_prompt, "num_images_per_prompt")
+        check_guidance_scale(guidance_scale)
+        self.check_prompts(prompts, truncate_prompts)
+        condition = self._prepare(**conditioning)
+        base_stage = self._stage("base", self.base, steps, sampler, spacing)
+        up_stage = None
+        if upsample if upsample is not None else self.upsampler is not None:
+            if self.upsampler is None:
+                raise ValueError("this pipeline has no upsampler: load one or pass upsample=False")
+            up_stage = self._stage("upsample", self.upsampler, upsample_steps, upsample_sampler, None)
+        batch = self._prompt_batch(prompts, num_images_per_prompt, seed, generator, truncate_prompts)
+        total_steps = sum(len(stage.timesteps) for stage in (base_stage, up_stage) if stage is not None)
+        with StepReporter(total_steps, callback, progress) as report:
+            base_inputs = self._base_inputs(batch, condition, guidance_scale)
+            samples_64 = self._sample(base_stage, batch, base_inputs, report)
+            samples_256 = None
+            if up_stage is not None:
+                up_inputs = self._upsample_inputs(batch, samples_64, condition, upsample_temp)
+                samples_256 = self._sample(up_stage, batch, up_inputs, report)
+        settings = self._settings(num_images_per_prompt, guidance_scale, base_stage, up_stage, upsample_temp)
+        return batch.output(samples_64, samples_256, return_tensors, settings)
+
+    # ------------------------------------------------------------------ conditioning (per pipeline)
+
+    def _prepare(self, **unknown: Any) -> Any:
+        """Check and load the pipeline's own call inputs before anything is sampled (none here)."""
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected arguments: {', '.join(sorted(unknown))}")
+        return None
+
+    def _base_inputs(self, batch: PromptBatch, condition: Any, guidance_scale: float) -> StageInputs:
+        """The base stage's conditioning (here: text with classifier-free guidance)."""
+        return StageInputs(self.base.text_kwargs(guided_prompts(batch.prompt_rows), batch.truncate_prompts),
+                           guidance_scale=guidance_scale)
+
+    def _upsample_inputs(
+        self, batch: PromptBatch, samples_64: torch.Tensor, condition: Any, temp: float
+    ) -> StageInputs:
+        """The notebooks' upsampling of the base samples [rows x 3 x 64 x 64]: the prompts, and
+        ``low_res`` = the samples snapped to 8-bit levels; x_T is drawn right after the base
+        loop, times ``temp``."""
+        model_kwargs = self.upsampler.text_kwargs(batch.prompt_rows, batch.truncate_prompts)
+        model_kwargs["low_res"] = round_to_uint8_levels(samples_64)
+        return StageInputs(model_kwargs, noise_scale=temp)
+
+    # ------------------------------------------------------------------ the shared steps
+
+    def _stage(
+        self, name: str, loaded: LoadedModel, steps: Optional[Steps], sampler: Optional[str], spacing: Optional[str]
+    ) -> Stage:
+        """A stage's sampler and timesteps (``steps`` / ``sampler`` None: the pipeline's defaults)."""
+        prefix = "" if name == "base" else "upsample_"
+        steps = self.DEFAULTS[prefix + "steps"] if steps is None else steps
+        sampler = self.DEFAULTS[prefix + "sampler"] if sampler is None else sampler
+        get_sampler(sampler)
+        spacing = sampler_spacing(sampler, steps, spacing)
+        return Stage(name, loaded, sampler, str(steps), spacing, get_timesteps(loaded.diffusion, steps, spacing))
 
     def _prompt_batch(
         self,
@@ -277,143 +458,63 @@ class DiffusionPipeline:
         generators, seeds = prompt_generators(len(prompts), seed, generator, self.device)
         return PromptBatch(prompts, num_images_per_prompt, generators, seeds, truncate_prompts)
 
-    def _upsampling(
-        self, upsample: Optional[bool], steps: Union[str, int], sampler: str, temp: float
-    ) -> Optional[Upsampling]:
-        """A call's upsampling stage (default: when the pipeline has an upsampler), or None."""
-        if upsample is None:
-            upsample = self.upsampler is not None
-        if not upsample:
-            return None
-        if self.upsampler is None:
-            raise ValueError("this pipeline has no upsampler: load one or pass upsample=False")
-        up_sampler = get_sampler(sampler)
-        spacing = sampler_spacing(up_sampler, steps, None)
-        return Upsampling(self.upsampler.diffusion(steps, spacing), str(steps), spacing, up_sampler, temp)
-
-    def _base_stage(
-        self, steps: Union[str, int], sampler: str, spacing: Optional[str]
-    ) -> Tuple[SpacedDiffusion, Sampler]:
-        """A call's base diffusion, keeping the timesteps its ``steps`` and ``spacing`` pick, and its sampler."""
-        base_sampler = get_sampler(sampler)
-        return self.base.diffusion(steps, sampler_spacing(base_sampler, steps, spacing)), base_sampler
-
     def _settings(
-        self, num_images_per_prompt: int, guidance_scale: float, steps: Union[str, int], sampler: Sampler,
-        spacing: Optional[str], upsampling: Optional[Upsampling],
+        self, num_images_per_prompt: int, guidance_scale: float, base: Stage, up: Optional[Stage], upsample_temp: float
     ) -> Dict[str, Any]:
         """A call's settings as its PNG files record them (JSON-serialisable)."""
         return dict(
             base_checkpoint=self.base.name,
-            upsample_checkpoint=self.upsampler.name if upsampling else None,
+            upsample_checkpoint=up.loaded.name if up else None,
             num_images_per_prompt=num_images_per_prompt,
             guidance_scale=guidance_scale,
-            steps=str(steps),
-            spacing=sampler_spacing(sampler, steps, spacing),
-            sampler=sampler.name,
-            upsample_steps=upsampling.steps if upsampling else None,
-            upsample_spacing=upsampling.spacing if upsampling else None,
-            upsample_sampler=upsampling.sampler.name if upsampling else None,
-            upsample_temp=upsampling.temp if upsampling else None,
+            steps=base.steps,
+            spacing=base.spacing,
+            sampler=base.sampler,
+            upsample_steps=up.steps if up else None,
+            upsample_spacing=up.spacing if up else None,
+            upsample_sampler=up.sampler if up else None,
+            upsample_temp=upsample_temp if up else None,
             dtype=str(self.base.model.dtype).replace("torch.", ""),
             device=self.device.type,
             version=__version__,
         )
 
-    @staticmethod
-    def _reporter(
-        diffusion: SpacedDiffusion, upsampling: Optional[Upsampling], callback: Optional[StepCallback], progress: bool
-    ) -> StepReporter:
-        total_steps = diffusion.num_timesteps + (upsampling.diffusion.num_timesteps if upsampling else 0)
-        return StepReporter(total_steps, callback, progress)
-
     @torch.no_grad()
-    def _sample(
-        self,
-        loaded: LoadedModel,
-        batch: PromptBatch,
-        diffusion: SpacedDiffusion,
-        sampler: Sampler,
-        report: StepReporter,
-        *,
-        model_kwargs: Dict[str, torch.Tensor],
-        guidance_scale: Optional[float] = None,
-        noise_scale: Optional[float] = None,
-        denoised_fn: Optional[DenoisedFn] = None,
-        cond_fn: Optional[Callable[..., torch.Tensor]] = None,
-    ) -> torch.Tensor:
+    def _sample(self, stage: Stage, batch: PromptBatch, inputs: StageInputs, report: StepReporter) -> torch.Tensor:
         """One sampling loop over all prompts' rows: the images [rows x 3 x S x S] in [-1, 1].
 
-        With ``guidance_scale`` the loop runs classifier-free guidance on [cond rows; uncond
-        rows] (``model_kwargs`` must hold both); with ``noise_scale`` x_T is drawn here, times
-        that scale, else the sampler draws it. Raises :class:`NonFiniteOutputError` if any
-        network output of the stage held NaN or inf (checked on the device at every call,
-        read back once per stage, so the step loop never waits for the device).
+        Raises :class:`NonFiniteOutputError` if any network output of the stage held NaN or inf
+        (checked on the device at every call, read back once per stage, so the step loop never
+        waits for the device).
         """
         rows = batch.rows
-        classifier_free = guidance_scale is not None
-        shape = (2 * rows if classifier_free else rows, 3, loaded.image_size, loaded.image_size)
-        model = ClassifierFreeGuidance(loaded.model, guidance_scale) if classifier_free else loaded.model
+        classifier_free = inputs.guidance_scale is not None
+        size = stage.loaded.image_size
+        shape = (2 * rows if classifier_free else rows, 3, size, size)
+        model = stage.loaded.model
+        if classifier_free:
+            model = ClassifierFreeGuidance(model, inputs.guidance_scale)
         if self.cuda_graphs:
             if self.device.type != "cuda":
                 raise ValueError(f"cuda_graphs needs a CUDA device; this pipeline is on {self.device}")
             model = CUDAGraphStep(model)
         model = FiniteWatch(model)
         noise_source = batch.noise(classifier_free)
-        noise = None if noise_scale is None else noise_source.randn(shape, self.device) * noise_scale
-
-        def on_step(out: Dict[str, torch.Tensor]) -> None:
-            report(out["sample"][:rows], out["pred_xstart"][:rows])
-
-        sample = sampler.run(
-            diffusion,
+        noise = None if inputs.noise_scale is None else noise_source.randn(shape, self.device) * inputs.noise_scale
+        sample = get_sampler(stage.sampler)(
             model,
+            stage.loaded.diffusion,
             shape,
+            timesteps=stage.timesteps,
             noise=noise,
-            generator=noise_source,
+            model_kwargs=inputs.model_kwargs,
+            denoised_fn=inputs.denoised_fn,
+            clip_denoised=True,
             device=self.device,
-            model_kwargs=model_kwargs,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            callback=on_step,
-        )[:rows]
-        if not model.all_finite():
-            raise NonFiniteOutputError(non_finite_message(loaded.model.dtype))
-        return sample
-
-    def _upsample(
-        self,
-        batch: PromptBatch,
-        samples_64: torch.Tensor,
-        upsampling: Optional[Upsampling],
-        report: StepReporter,
-        inpaint: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-    ) -> Optional[torch.Tensor]:
-        """The notebooks' upsampling of the base samples [rows x 3 x 64 x 64] -> [rows x 3 x 256 x 256].
-
-        ``low_res`` is the base samples snapped to 8-bit levels; x_T is drawn right after the
-        base loop, times ``upsampling.temp``. ``inpaint`` = (source image [1 x 3 x 256 x 256],
-        keep mask [1 x 1 x 256 x 256]) conditions the inpainting upsampler and pastes the kept
-        region into every x_0 prediction. None when the call does not upsample.
-        """
-        if upsampling is None:
-            return None
-        model_kwargs = self.upsampler.text_kwargs(batch.prompt_rows, batch.truncate_prompts)
-        model_kwargs["low_res"] = round_to_uint8_levels(samples_64)
-        denoised_fn = None
-        if inpaint is not None:
-            image, keep = inpaint
-            model_kwargs["inpaint_image"] = (image * keep).repeat(batch.rows, 1, 1, 1)
-            model_kwargs["inpaint_mask"] = keep.repeat(batch.rows, 1, 1, 1)
-            denoised_fn = inpaint_denoised_fn(model_kwargs["inpaint_image"], model_kwargs["inpaint_mask"])
-        return self._sample(
-            self.upsampler,
-            batch,
-            upsampling.diffusion,
-            upsampling.sampler,
-            report,
-            model_kwargs=model_kwargs,
-            noise_scale=upsampling.temp,
-            denoised_fn=denoised_fn,
+            callback=lambda info: report(stage.name, info, rows),
+            generator=noise_source,
+            cond_fn=inputs.cond_fn,
         )
-
+        if not model.all_finite():
+            raise NonFiniteOutputError(non_finite_message(stage.loaded.model.dtype))
+        return cond_half(sample) if classifier_free else sample

@@ -25,7 +25,7 @@ import inspect
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -41,7 +41,6 @@ from ..model_creation import (
     model_and_diffusion_defaults,
     model_and_diffusion_defaults_upsampler,
 )
-from ..gaussian_diffusion import get_named_beta_schedule
 from ..respace import SpacedDiffusion
 from ..samplers import get_timesteps
 from ..text2im_model import Text2ImUNet
@@ -200,15 +199,19 @@ def set_precision(model: Text2ImUNet, dtype: torch.dtype) -> None:
 
 @dataclass
 class LoadedModel:
-    """A U-Net in eval mode with the options it was built from.
-
-    ``diffusion(steps, spacing)`` gives its diffusion process keeping the timesteps a call asks for.
-    """
+    """A U-Net in eval mode with the options it was built from and its full diffusion chain
+    (``diffusion``: every one of its ``diffusion_steps`` timesteps; the samplers pick theirs from it)."""
 
     model: Text2ImUNet
     options: Options
     name: str = "model"
-    _diffusions: Dict[Tuple[int, ...], SpacedDiffusion] = field(default_factory=dict, repr=False)
+    diffusion: SpacedDiffusion = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.diffusion = create_gaussian_diffusion(
+            self.options["diffusion_steps"], self.options["noise_schedule"],
+            prediction=self.options.get("prediction", "eps"),
+        )
 
     @property
     def device(self) -> torch.device:
@@ -221,23 +224,6 @@ class LoadedModel:
     @property
     def text_ctx(self) -> int:
         return self.options["text_ctx"]
-
-    def diffusion(self, steps: Union[str, int], spacing: Optional[str] = None) -> SpacedDiffusion:
-        """The model's diffusion keeping the timesteps ``samplers.get_timesteps`` picks from its
-        full chain for ``steps`` (a step count such as 25 or "100", placed on ``spacing``, default
-        "quadratic"; or a respacing string such as "ddim25" or "fast27")."""
-        timesteps = get_timesteps(self._keeping(range(self.options["diffusion_steps"])), steps, spacing)
-        return self._keeping(timesteps)
-
-    def _keeping(self, timesteps: Iterable[int]) -> SpacedDiffusion:
-        key = tuple(sorted(timesteps))
-        if key not in self._diffusions:
-            self._diffusions[key] = SpacedDiffusion(
-                use_timesteps=set(key),
-                betas=get_named_beta_schedule(self.options["noise_schedule"], self.options["diffusion_steps"]),
-                prediction=self.options.get("prediction", "eps"),
-            )
-        return self._diffusions[key]
 
     def text_kwargs(self, prompts: Sequence[Optional[str]], truncate: bool = False) -> Dict[str, torch.Tensor]:
         """Model kwargs for one row per prompt (``None`` = the unconditional row).

@@ -51,7 +51,7 @@ def load_unet(name):
     """A demo U-Net as the pipelines load it on a CPU (float32, eval mode, channels-last
     convolution weights, freed memory kept) and its unrespaced diffusion."""
     loaded = load_model(name, device="cpu", progress=False)
-    return loaded.model, loaded.diffusion(str(loaded.options["diffusion_steps"]))
+    return loaded.model, loaded.diffusion
 
 
 @pytest.fixture(scope="module")
@@ -357,7 +357,7 @@ CLIP_PIPELINE_SETTINGS = [
 
 
 def test_clip_guided_pipeline_gives_the_asked_colour_with_every_sampler():
-    from glide_text2im.pipelines.sampling import SAMPLERS
+    from glide_text2im.samplers import SAMPLERS
 
     assert {sampler for _, sampler in CLIP_PIPELINE_SETTINGS} == set(SAMPLERS)
     pipe = CLIPGuidedPipeline.from_pretrained(demo=True, upsampler=None, device="cpu", progress=False)
