@@ -44,11 +44,12 @@ import torch
 import yaml
 from PIL import Image
 
+from glide_text2im.bundled import CHECKPOINT_FILES
 from glide_text2im.checkpoint_io import write_state_dict
 from glide_text2im.clip.model_creation import create_clip_model
 from glide_text2im.demo import shapes
-from glide_text2im.demo.clip_tokenizer import ByteCLIPTokenizer
 from glide_text2im.pipelines.loading import save_options
+from glide_text2im.tokenizer.byte import ByteCLIPTokenizer
 from glide_text2im.train.text_pretraining import TextPretrainConfig, pretrain_text_encoder_on_labels
 from glide_text2im.train.trainer import UNET_FILE, CLIPTask, TrainConfig, Trainer, build_task, seed_everything
 
@@ -224,10 +225,14 @@ TEXT_PRETRAIN = TextPretrainConfig(steps=3000, batch_size=128, lr=1e-3, sinusoid
 # The ``clip`` stage first pretrains the CLIP's text encoder the same way.
 CLIP_TEXT_PRETRAIN = TEXT_PRETRAIN
 
-# The weights file each U-Net stage exports, and the stages that start from another's model:
-# ``base`` from the ``text`` run in the work folder, ``inpaint`` from the exported ``base.safetensors``.
-EXPORTS = {"base": "base.safetensors", "upsample": "upsample.safetensors", "inpaint": "base_inpaint.safetensors"}
-CLIP_EXPORTS = ("clip_image_enc.safetensors", "clip_text_enc.safetensors")
+# The weights file each U-Net stage exports (the shipped file names, ``bundled.CHECKPOINT_FILES``),
+# and the stages that start from another's model: ``base`` from the ``text`` run in the work
+# folder, ``inpaint`` from the exported ``base.safetensors``.
+EXPORTS = {
+    stage: CHECKPOINT_FILES[name]
+    for stage, name in {"base": "demo/base", "upsample": "demo/upsample", "inpaint": "demo/base-inpaint"}.items()
+}
+CLIP_EXPORTS = (CHECKPOINT_FILES["demo/clip/image-enc"], CHECKPOINT_FILES["demo/clip/text-enc"])
 INIT_FROM = {"base": "text", "inpaint": "base"}
 
 
