@@ -2,6 +2,8 @@
 
 `load_checkpoint(name, device)` resolves a checkpoint name (or a file path) to a local file,
 downloading official checkpoints once into a per-user cache, and returns the state dict.
+The checkpoints shipped inside the package (`glide_text2im.bundled`: "demo/base", ...) are
+local files and load by name offline.
 
 Each download is streamed under a file lock into a temporary file of its own beside the final
 file, resumed with an HTTP `Range` request when the connection drops, checked (announced
@@ -28,6 +30,7 @@ import urllib3
 from filelock import FileLock
 from tqdm.auto import tqdm
 
+from glide_text2im import bundled
 from glide_text2im.checkpoint_io import (
     CHECKPOINT_SUFFIXES,
     CheckpointError,
@@ -60,8 +63,12 @@ OFFICIAL_SIZES: Dict[str, Tuple[int, int]] = {
     "clip/text-enc": (185, 71_679_488),
 }
 
-# Checkpoints that are local files (e.g. package data): name -> function returning the path.
-LOCAL_CHECKPOINTS: Dict[str, Callable[[], str]] = {}
+# Checkpoints that are local files: name -> function returning the path. The checkpoints
+# shipped in the package (`bundled`, "demo/base", ...) are there from the start;
+# `register_checkpoint` adds users' own.
+LOCAL_CHECKPOINTS: Dict[str, Callable[[], str]] = {
+    name: functools.partial(bundled.weights_path, name) for name in bundled.CHECKPOINT_FILES
+}
 
 CONNECT_TIMEOUT = 10.0  # seconds to establish a connection; an offline machine fails at once
 READ_TIMEOUT = 60.0  # seconds without a byte before a stalled download counts as dropped
@@ -102,6 +109,8 @@ def register_checkpoint(name: str, resolver: Callable[[], str]) -> None:
     """Make `load_checkpoint(name, ...)` load the local file whose path `resolver()` returns."""
     if name in MODEL_PATHS:
         raise ValueError(f"checkpoint name {name!r} is already an official checkpoint")
+    if name in bundled.CHECKPOINT_FILES:
+        raise ValueError(f"checkpoint name {name!r} is already a checkpoint shipped in the package")
     LOCAL_CHECKPOINTS[name] = resolver
 
 
@@ -116,8 +125,9 @@ def checkpoint_path(
     cache_dir: Optional[str] = None,
     chunk_size: int = 4096,
 ) -> str:
-    """The file of checkpoint `name` (official name, registered name or existing file path),
-    downloaded into the cache first when needed."""
+    """The file of checkpoint `name` (official name, name of a checkpoint shipped in the package
+    or registered with `register_checkpoint`, or existing file path), downloaded into the
+    cache first when needed."""
     if name in LOCAL_CHECKPOINTS:
         return LOCAL_CHECKPOINTS[name]()
     if name in MODEL_PATHS:
@@ -445,7 +455,3 @@ def _write_text(path: str, text: str) -> None:
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
-
-
-# The embedded demo registers its checkpoints ("demo/base", ...) in LOCAL_CHECKPOINTS on import.
-import glide_text2im.demo  # noqa: E402,F401  (last: it imports register_checkpoint from here)

@@ -44,11 +44,12 @@ import torch
 import yaml
 from PIL import Image
 
+from glide_text2im.bundled import CHECKPOINT_FILES
 from glide_text2im.checkpoint_io import write_state_dict
 from glide_text2im.clip.model_creation import create_clip_model
 from glide_text2im.demo import shapes
-from glide_text2im.demo.clip_tokenizer import ByteCLIPTokenizer
 from glide_text2im.pipelines.loading import save_options
+from glide_text2im.tokenizer.byte import ByteCLIPTokenizer
 from glide_text2im.train.text_pretraining import TextPretrainConfig, pretrain_text_encoder_on_labels
 from glide_text2im.train.trainer import UNET_FILE, CLIPTask, TrainConfig, Trainer, build_task, seed_everything
 
@@ -163,22 +164,18 @@ CLIP_CONFIG: Dict[str, Any] = dict(
 # 1.0. In 1000-step trials the sinusoids alone raised the held-out colour probe from 0.63 to
 # 0.79; amplitudes of 0.3 and 1.0 trained worse than 0.1, a 4-layer text transformer did not
 # help.
+BASE_CONFIG: Dict[str, Any] = dict(
+    steps=4500,
+    batch_size=16,
+    lr=1e-3,
+    lr_schedule="cosine",
+    warmup_steps=100,
+    ema_rate=0.995,
+    uncond_prob=0.1,
+    freeze_text_encoder=True,
+)
 STAGE_RECIPES: Dict[str, Stage] = {
-    "base": Stage(
-        num_examples=20000,
-        image_size=64,
-        options=BASE_OPTIONS,
-        config=dict(
-            steps=4500,
-            batch_size=16,
-            lr=1e-3,
-            lr_schedule="cosine",
-            warmup_steps=100,
-            ema_rate=0.995,
-            uncond_prob=0.1,
-            freeze_text_encoder=True,
-        ),
-    ),
+    "base": Stage(num_examples=20000, image_size=64, options=BASE_OPTIONS, config=BASE_CONFIG),
     "upsample": Stage(
         num_examples=10000,
         image_size=256,
@@ -187,21 +184,13 @@ STAGE_RECIPES: Dict[str, Stage] = {
             steps=400, batch_size=16, lr=2e-3, lr_schedule="cosine", warmup_steps=50, ema_rate=0.99, patch_size=64
         ),
     ),
+    # A short fine-tune of the shipped base with its batch, guidance dropout and frozen text
+    # encoder, at a lower learning rate.
     "inpaint": Stage(
         num_examples=20000,
         image_size=64,
         options={},
-        config=dict(
-            steps=400,
-            batch_size=16,
-            lr=3e-4,
-            lr_schedule="cosine",
-            warmup_steps=20,
-            ema_rate=0.99,
-            uncond_prob=0.1,
-            subject_mask_prob=0.5,
-            freeze_text_encoder=True,
-        ),
+        config=dict(BASE_CONFIG, steps=400, lr=3e-4, warmup_steps=20, ema_rate=0.99, subject_mask_prob=0.5),
     ),
     "clip": Stage(
         num_examples=20000,
@@ -224,10 +213,14 @@ TEXT_PRETRAIN = TextPretrainConfig(steps=3000, batch_size=128, lr=1e-3, sinusoid
 # The ``clip`` stage first pretrains the CLIP's text encoder the same way.
 CLIP_TEXT_PRETRAIN = TEXT_PRETRAIN
 
-# The weights file each U-Net stage exports, and the stages that start from another's model:
-# ``base`` from the ``text`` run in the work folder, ``inpaint`` from the exported ``base.safetensors``.
-EXPORTS = {"base": "base.safetensors", "upsample": "upsample.safetensors", "inpaint": "base_inpaint.safetensors"}
-CLIP_EXPORTS = ("clip_image_enc.safetensors", "clip_text_enc.safetensors")
+# The weights file each U-Net stage exports (the shipped file names, ``bundled.CHECKPOINT_FILES``),
+# and the stages that start from another's model: ``base`` from the ``text`` run in the work
+# folder, ``inpaint`` from the exported ``base.safetensors``.
+EXPORTS = {
+    stage: CHECKPOINT_FILES[name]
+    for stage, name in {"base": "demo/base", "upsample": "demo/upsample", "inpaint": "demo/base-inpaint"}.items()
+}
+CLIP_EXPORTS = (CHECKPOINT_FILES["demo/clip/image-enc"], CHECKPOINT_FILES["demo/clip/text-enc"])
 INIT_FROM = {"base": "text", "inpaint": "base"}
 
 

@@ -31,7 +31,7 @@ import torch
 
 from ..checkpoint_io import CHECKPOINT_SUFFIXES, read_state_dict, temporary_path, write_state_dict
 from ..clip.model_creation import CLIPModel, create_clip_model, load_clip_config
-from ..demo.clip_tokenizer import ByteCLIPTokenizer
+from ..tokenizer.byte import ByteCLIPTokenizer
 from ..memory import retain_freed_memory
 from ..download import LOCAL_CHECKPOINTS, MODEL_PATHS, checkpoint_path, is_cloud_path, load_checkpoint
 from ..model_creation import (

@@ -1,1 +1,2 @@
-"""Tokenizers: the U-Net's lowercased GPT-2 BPE and the noised CLIP's SimpleTokenizer."""
+"""Tokenizers: the U-Net's lowercased GPT-2 BPE, the noised CLIP's SimpleTokenizer, and the
+byte-level ones of the small models (``byte``: ``ByteEncoder``, ``ByteCLIPTokenizer``)."""

@@ -1,6 +1,6 @@
 import pytest
 
-from glide_text2im.tokenizer.byte import ByteEncoder
+from glide_text2im.tokenizer.byte import ByteCLIPTokenizer, ByteEncoder
 
 
 @pytest.fixture
@@ -52,3 +52,23 @@ def test_bad_input_is_rejected(encoder):
         encoder.decode([257])
     with pytest.raises(ValueError, match="text_ctx"):
         encoder.padded_tokens_and_mask([1], -1)
+
+
+def test_clip_tokenizer_frames_the_same_bytes_with_start_and_end_tokens(encoder):
+    clip = ByteCLIPTokenizer()
+    assert (clip.n_vocab, clip.start_token, clip.end_token) == (258, 256, 257)
+    assert clip.encode("Straße é") == encoder.encode("Straße é") == [115, 116, 114, 97, 195, 159, 101, 32, 195, 169]
+    assert clip.padded_tokens_and_len([114, 101, 100], 7) == ([256, 114, 101, 100, 257, 0, 0], 5)
+    assert clip.padded_tokens_and_len([1, 2, 3, 4], 4) == ([256, 1, 2, 257], 4)
+    assert clip.decode([256, 114, 101, 100, 257, 0]) == "red\x00"  # 0 is the byte NUL, as in the CLIP's padding
+    assert clip.decode([256, 104, 195, 257]) == "h\ufffd"
+
+
+def test_clip_tokenizer_rejects_bad_input():
+    clip = ByteCLIPTokenizer()
+    with pytest.raises(TypeError, match="str"):
+        clip.encode(None)
+    with pytest.raises(ValueError, match=r"token 258 is outside the byte vocabulary \[0, 257\]"):
+        clip.decode([258])
+    with pytest.raises(ValueError, match="text_ctx must be an int of at least 2"):
+        clip.padded_tokens_and_len([1], 1)
