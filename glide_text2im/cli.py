@@ -473,7 +473,7 @@ def _check_samplers(args: argparse.Namespace, upsampler: Optional[str]) -> None:
 
 def _resolve_checkpoints(args: argparse.Namespace) -> None:
     """Fill in the checkpoint arguments left out: the official defaults, or the demo's with ``--demo``."""
-    from .demo import demo_equivalent
+    from .bundled import demo_equivalent
 
     for key, official in args.default_checkpoints.items():
         if getattr(args, key) is None:

@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..demo import demo_equivalent
+from ..bundled import demo_equivalent
 from ..cuda_graphs import CUDAGraphStep
 from ..denoiser import CondFn, DenoisedFn
 from ..guidance import ClassifierFreeGuidance, cond_half, guided_prompts

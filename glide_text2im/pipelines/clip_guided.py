@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from ..demo import demo_equivalent
+from ..bundled import demo_equivalent
 from ..clip.model_creation import CLIPModel
 from .base import DiffusionPipeline, PromptBatch, StageInputs
 from .loading import LoadedModel, load_clip
