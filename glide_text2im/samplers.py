@@ -389,7 +389,7 @@ def _alphas_cumprod_at(diffusion: GaussianDiffusion, timesteps: List[int]) -> np
 
 def _full_alphas_cumprod(diffusion: GaussianDiffusion) -> np.ndarray:
     """alphas_cumprod of the full chain the diffusion was respaced from (indexed by original t)."""
-    return np.cumprod(1.0 - getattr(diffusion, "original_betas", diffusion.betas))
+    return np.cumprod(1.0 - _full_betas(diffusion))
 
 
 def _keeping(diffusion: GaussianDiffusion, timesteps: List[int]) -> GaussianDiffusion:
@@ -398,8 +398,12 @@ def _keeping(diffusion: GaussianDiffusion, timesteps: List[int]) -> GaussianDiff
     its full chain respaced to them, as ``create_gaussian_diffusion(timestep_respacing=...)`` does."""
     if sorted(timesteps) == _available_timesteps(diffusion):
         return diffusion
-    betas = getattr(diffusion, "original_betas", diffusion.betas)
-    return SpacedDiffusion(use_timesteps=timesteps, betas=betas, prediction=diffusion.prediction)
+    return SpacedDiffusion(use_timesteps=timesteps, betas=_full_betas(diffusion), prediction=diffusion.prediction)
+
+
+def _full_betas(diffusion: GaussianDiffusion) -> np.ndarray:
+    """The betas of the full chain the diffusion was respaced from (its own for an unrespaced one)."""
+    return getattr(diffusion, "original_betas", diffusion.betas)
 
 
 def _run_original_loop(
@@ -412,8 +416,7 @@ def _run_original_loop(
     x = noise
     out = None
     for i, out in enumerate(loop):
-        if callback is not None:
-            callback({"i": i, "t": timesteps[i], "x": x, "pred_xstart": out["pred_xstart"]})
+        _report(callback, i, timesteps[i], x, out["pred_xstart"])
         x = out["sample"]
     return out["sample"]
 
